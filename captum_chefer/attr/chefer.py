@@ -1,0 +1,168 @@
+"""``CheferRelevance``: gradient-weighted attention relevance as a Captum attribution."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from ..core import (
+    MatrixRelevance,
+    RowRelevance,
+    apply_self_relevance,
+    token_start_rows,
+    tokens_to_input,
+)
+from ..core.tokens import SelfRelevance, TokenIndex
+from ._captum import (
+    GradientAttribution,
+    TargetType,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+    log_usage,
+)
+from .trace import Trace, trace_attention
+
+
+class CheferRelevance(GradientAttribution):
+    r"""Chefer, Gur & Wolf (ICCV 2021), "Generic Attention-model Explainability", eq. 5-6.
+
+    For each attention layer ``l`` in forward order, ``Abar_l = mean_h(clamp(dA_l ⊙ A_l, 0))``
+    where ``A_l`` is the post-softmax attention ``(B, H, N, N)`` and ``dA_l`` the gradient of the
+    selected (pre-softmax) output. From ``R = I``, ``R ← R + Abar_l·R``; the relevance is the row
+    of ``R`` for the token the prediction is read from.
+
+    The model is used as it ships: fused SDPA attention, Hugging Face at any implementation,
+    timm, ``nn.MultiheadAttention`` and custom code that calls :func:`mark_attention`. Nothing on
+    the model is left changed. Only the needed row is formed, folded in as the gradients of each
+    layer arrive, from attention recomputed a block of query rows at a time.
+
+    Args:
+        forward_func: the model, or any callable returning a tensor (or an object with
+            ``.logits``).
+        model: the module whose attention is explained, when ``forward_func`` is not one.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        >>> encoder = torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+        >>> head = torch.nn.Linear(16, 3)
+        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
+        >>> x = torch.randn(2, 5, 16)
+        >>> relevance = CheferRelevance(model).attribute(x, target=0)
+        >>> relevance.shape
+        torch.Size([2, 5, 16])
+    """
+
+    def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
+        super().__init__(forward_func)
+        self.model = model if model is not None else _module_or_none(forward_func)
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        token_index: TokenIndex = "auto",
+        output: Literal["input", "token"] = "input",
+        self_relevance: SelfRelevance = "subtract",
+        start_layer: int = 0,
+        mode: Literal["row", "matrix"] = "row",
+        block_bytes: int | None = None,
+        num_prefix_tokens: int | None = None,
+        patch_grid: tuple[int, int] | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        r"""Relevance of each input position for ``target``.
+
+        Args:
+            inputs: a tensor or tuple of tensors, passed first to ``forward_func``: token ids
+                ``(B, T)``, embeddings ``(B, T, D)`` or images ``(B, C, H, W)``.
+            target: Captum's target: an int, a tuple, a tensor, or one per example. None on a
+                multi-class output explains the predicted class; on one value per example,
+                that value.
+            additional_forward_args: passed positionally after ``inputs``.
+            token_index: the row to read: ``"auto"`` (the last real token when attention is
+                causal, else the first), an int, ``"mean"`` (mean of the real tokens' rows, for
+                mean-pooled models), or a LongTensor ``(B,)``.
+            output: ``"input"`` maps the row onto each input's shape; ``"token"`` returns the
+                raw row ``(B, N)`` over every attended token.
+            self_relevance: the read token gets ``≥ 1`` from the identity in ``R = I + …``,
+                which dwarfs the rest. ``"subtract"`` (default) removes exactly that identity
+                share and keeps what attention added, which also works for ``"mean"``;
+                ``"zero"`` zeroes the read tokens as Chefer et al.'s code does; ``"keep"``
+                returns the raw row.
+            start_layer: skip attention layers below this index (Chefer's ViT scripts use 1).
+            mode: ``"row"`` folds one row in during the backward pass (``O(B·N)`` memory);
+                ``"matrix"`` keeps each layer's ``(B, N, N)`` map and forms the full ``R``.
+                Both give the same result.
+            block_bytes: memory for one block of recomputed attention ``(B, H, rows, N)``;
+                default 64 MiB. Long inputs are processed a block of query rows at a time.
+            num_prefix_tokens: tokens before the patch grid (CLS, distillation, registers);
+                inferred from the image size when None.
+            patch_grid: ``(rows, cols)`` of patches; inferred when None.
+
+        Returns:
+            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
+            ``output="token"``. Padding tokens get exactly 0.
+        """
+        is_inputs_tuple = _is_tuple(inputs)
+        inputs_tuple = _format_tensor_into_tuples(inputs)
+        consumer = RowRelevance(start_layer) if mode == "row" else MatrixRelevance(start_layer)
+        if mode not in ("row", "matrix"):
+            raise ValueError(f"mode must be 'row' or 'matrix', not {mode!r}")
+        starts: list[Tensor] = []
+
+        def set_start(trace: Trace) -> None:
+            _check_self_attention(trace)
+            starts.append(token_start_rows(token_index, trace.valid, trace.causal))
+            if isinstance(consumer, RowRelevance):
+                consumer.set_start(starts[0])
+
+        trace = trace_attention(
+            self.forward_func, self.model, inputs_tuple, target, additional_forward_args,
+            consumer, set_start, block_bytes if block_bytes is not None else 64 * 2**20,
+        )
+        if isinstance(consumer, RowRelevance):
+            added = consumer.added
+        else:
+            added = starts[0].unsqueeze(1).bmm(consumer.matrix(include_identity=False)).squeeze(1)
+        row = apply_self_relevance(added, starts[0], self_relevance).masked_fill(~trace.valid, 0.0)
+        if output == "token":
+            return row
+        if output != "input":
+            raise ValueError(f"output must be 'input' or 'token', not {output!r}")
+        mapped = tuple(
+            tokens_to_input(row, tensor.shape, num_prefix_tokens, patch_grid).to(tensor.device)
+            for tensor in inputs_tuple
+        )
+        return _format_output(is_inputs_tuple, mapped)
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+
+def _module_or_none(forward_func: Callable[..., Any]) -> nn.Module | None:
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _check_self_attention(trace: Trace) -> None:
+    sizes = {record.shape[2:] for record in trace.records}
+    if len(sizes) != 1 or any(n_query != n_key for n_query, n_key in sizes):
+        shapes = sorted({record.shape for record in trace.records})
+        raise ValueError(
+            "CheferRelevance's self-attention rule needs every attention layer to attend over "
+            f"one token sequence, but the model's attention calls have shapes {shapes} "
+            "(B, H, Nq, Nk). For cross-attention or several sequences, use the bi-modal and "
+            "encoder-decoder rules."
+        )

@@ -1,0 +1,89 @@
+"""A plain replica of the relevance equations, independent of the package's engine.
+
+Every helper here takes attention maps and gradients obtained by ordinary means (eager
+attention, ``retain_grad``, a full ``backward``) in float64 and applies ICCV 2021 eq. 5-6
+literally, on full matrices.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def relevance_matrix(attentions: list[Tensor], grads: list[Tensor], start_layer: int = 0) -> Tensor:
+    """R = I, then R = R + mean_h(clamp(dA * A, 0)) @ R per layer in forward order."""
+    batch, _, size, _ = attentions[0].shape
+    relevance = torch.eye(size, dtype=torch.float64).repeat(batch, 1, 1)
+    for layer, (attention, grad) in enumerate(zip(attentions, grads)):
+        if layer < start_layer:
+            continue
+        abar = (grad.double() * attention.double()).clamp(min=0).mean(dim=1)
+        relevance = relevance + abar @ relevance
+    return relevance
+
+
+def read_rows(relevance: Tensor, rows: Tensor, self_relevance: str = "subtract") -> Tensor:
+    """Rows ``rows`` (weights (B, N)) of R, with the identity's share handled."""
+    row = torch.einsum("bn,bnm->bm", rows.double(), relevance)
+    if self_relevance == "subtract":
+        return row - rows.double()
+    if self_relevance == "zero":
+        return row.masked_fill(rows > 0, 0.0)
+    return row
+
+
+def one_hot_rows(index: list[int], size: int) -> Tensor:
+    return F.one_hot(torch.tensor(index), size).double()
+
+
+def hf_eager_attentions(model, select, **kwargs) -> tuple[list[Tensor], list[Tensor]]:
+    """A float64 eager copy of a Hugging Face model; attentions and their grads via retain_grad."""
+    reference = copy.deepcopy(model).double()
+    reference.config._attn_implementation = "eager"
+    for key, value in kwargs.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            kwargs[key] = value.double()
+    output = reference(**kwargs, output_attentions=True)
+    attentions = list(output.attentions)
+    for attention in attentions:
+        attention.retain_grad()
+    select(output).sum().backward()
+    # Fully masked (left-padding) query rows are NaN in eager float64; they carry no attention.
+    return (
+        [a.detach().nan_to_num(0.0) for a in attentions],
+        [a.grad.nan_to_num(0.0) for a in attentions],
+    )
+
+
+def hooked_attentions(model, forward, modules_with_probs) -> tuple[list[Tensor], list[Tensor]]:
+    """Attentions from forward hooks on the modules that output the probabilities."""
+    captured: list[Tensor] = []
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out: captured.append(out) or out.retain_grad())
+        for module in modules_with_probs
+    ]
+    try:
+        forward().sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [a.detach() for a in captured], [a.grad for a in captured]
+
+
+def image_map(row: Tensor, prefix: int, grid: tuple[int, int], size: tuple[int, int], channels: int) -> Tensor:
+    """Patch relevance laid on its grid, bilinearly upsampled, repeated over channels."""
+    patches = row[:, prefix:].reshape(row.shape[0], 1, *grid)
+    image = F.interpolate(patches, size=size, mode="bilinear", align_corners=False)
+    return image.repeat(1, channels, 1, 1)
+
+
+def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-4) -> None:
+    """Equal within ``rtol`` relative to the largest reference value."""
+    expected = expected.to(actual.device, torch.float64)
+    scale = expected.abs().max().clamp_min(1e-30)
+    error = (actual.double() - expected).abs().max() / scale
+    assert error <= rtol, f"relative error {error:.3g} > {rtol}"
