@@ -18,8 +18,13 @@ def bert(attn_implementation: str = "sdpa", num_labels: int = 3):
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=64, num_labels=num_labels, attn_implementation=attn_implementation,
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+        attn_implementation=attn_implementation,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -37,8 +42,13 @@ def llama(attn_implementation: str = "sdpa"):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config).eval()
@@ -49,8 +59,13 @@ def vit():
 
     torch.manual_seed(0)
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        image_size=32, patch_size=8, num_labels=5,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
     )
     return ViTForImageClassification(config).eval()
 

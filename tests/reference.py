@@ -74,7 +74,9 @@ def hooked_attentions(model, forward, modules_with_probs) -> tuple[list[Tensor],
     return [a.detach() for a in captured], [a.grad for a in captured]
 
 
-def image_map(row: Tensor, prefix: int, grid: tuple[int, int], size: tuple[int, int], channels: int) -> Tensor:
+def image_map(
+    row: Tensor, prefix: int, grid: tuple[int, int], size: tuple[int, int], channels: int
+) -> Tensor:
     """Patch relevance laid on its grid, bilinearly upsampled, repeated over channels."""
     patches = row[:, prefix:].reshape(row.shape[0], 1, *grid)
     image = F.interpolate(patches, size=size, mode="bilinear", align_corners=False)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
-
-import models
-from captum_chefer import CheferRelevance
 from reference import (
     assert_close,
     hf_eager_attentions,
@@ -19,6 +17,8 @@ from reference import (
     read_rows,
     relevance_matrix,
 )
+
+from captum_chefer import CheferRelevance
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -77,7 +77,9 @@ def test_vit_image_map_matches_reference():
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     target = torch.tensor([1, 4])
     ours = CheferRelevance(lambda x: model(x).logits, model).attribute(images, target=target)
-    attn, grads = hf_eager_attentions(model, lambda out: _pick(out.logits, target), pixel_values=images)
+    attn, grads = hf_eager_attentions(
+        model, lambda out: _pick(out.logits, target), pixel_values=images
+    )
     row = read_rows(relevance_matrix(attn, grads), one_hot_rows([0, 0], 17))
     assert_close(ours, image_map(row, 1, (4, 4), (32, 32), 3))
 
@@ -107,8 +109,7 @@ def _encoder_reference(model: models.EncoderClassifier, x, target, padding_mask)
     for layer in copy.deepcopy(model).double().encoder.layers:
         mha = layer.self_attn
         q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-        split = lambda t: t.unflatten(-1, (mha.num_heads, -1)).transpose(1, 2)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)
+        q, k, v = (t.unflatten(-1, (mha.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
         scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
         attn = scores.softmax(-1)

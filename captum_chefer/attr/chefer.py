@@ -47,8 +47,7 @@ class CheferRelevance(GradientAttribution):
     Example:
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        >>> encoder = torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
-        >>> head = torch.nn.Linear(16, 3)
+        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
         >>> x = torch.randn(2, 5, 16)
         >>> relevance = CheferRelevance(model).attribute(x, target=0)
@@ -61,7 +60,7 @@ class CheferRelevance(GradientAttribution):
         self.model = model if model is not None else _module_or_none(forward_func)
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
         target: TargetType = None,
@@ -123,8 +122,14 @@ class CheferRelevance(GradientAttribution):
                 consumer.set_start(starts[0])
 
         trace = trace_attention(
-            self.forward_func, self.model, inputs_tuple, target, additional_forward_args,
-            consumer, set_start, block_bytes if block_bytes is not None else 64 * 2**20,
+            self.forward_func,
+            self.model,
+            inputs_tuple,
+            target,
+            additional_forward_args,
+            consumer,
+            set_start,
+            block_bytes if block_bytes is not None else 64 * 2**20,
         )
         if isinstance(consumer, RowRelevance):
             added = consumer.added

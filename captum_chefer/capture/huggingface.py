@@ -16,7 +16,13 @@ from contextlib import contextmanager
 
 from torch import nn
 
-_SWITCHED = ("eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+_SWITCHED = (
+    "eager",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+)
 
 
 def _configs(model: nn.Module) -> list[object]:

@@ -24,8 +24,16 @@ _MISSING = object()
 
 def _forward_with_weights(module: nn.MultiheadAttention, *args, **kwargs):
     recorder = active_recorder()
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
-             "average_attn_weights", "is_causal")
+    names = (
+        "query",
+        "key",
+        "value",
+        "key_padding_mask",
+        "need_weights",
+        "attn_mask",
+        "average_attn_weights",
+        "is_causal",
+    )
     bound = dict(zip(names, args, strict=False)) | kwargs
     need_weights = bound.pop("need_weights", True)
     average = bound.pop("average_attn_weights", True)
@@ -45,7 +53,11 @@ def _forward_with_weights(module: nn.MultiheadAttention, *args, **kwargs):
 @contextmanager
 def multihead_route(model: nn.Module | None) -> Iterator[None]:
     """Wrap each ``nn.MultiheadAttention`` in ``model`` for the duration, then restore."""
-    modules = [m for m in (model.modules() if model is not None else ()) if isinstance(m, nn.MultiheadAttention)]
+    modules = [
+        m
+        for m in (model.modules() if model is not None else ())
+        if isinstance(m, nn.MultiheadAttention)
+    ]
     saved = [(module, module.__dict__.get("forward", _MISSING)) for module in modules]
     try:
         for module in modules:

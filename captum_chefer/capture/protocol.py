@@ -39,7 +39,8 @@ def mark_attention(probs: Tensor) -> Tensor:
         return probs
     if probs.dim() != 4:
         raise ValueError(
-            f"mark_attention expects probabilities shaped (B, H, Nq, Nk), got {tuple(probs.shape)}; "
+            "mark_attention expects probabilities shaped (B, H, Nq, Nk), got "
+            f"{tuple(probs.shape)}; "
             "reshape the heads into their own dimension before calling it."
         )
     return recorder.probabilities(probs)

@@ -85,7 +85,15 @@ class Recorder:
         record = self._new_record(call.shape, call.query.device)
         record.call = call
         return _CapturedKernel.apply(
-            self, record, kernel, kernel_kwargs, self.anchor, call.query, call.key, call.value, call.mask
+            self,
+            record,
+            kernel,
+            kernel_kwargs,
+            self.anchor,
+            call.query,
+            call.key,
+            call.value,
+            call.mask,
         )
 
     def probabilities(self, probs: Tensor) -> Tensor:
@@ -124,19 +132,20 @@ class Recorder:
 
 
 class _CapturedKernel(torch.autograd.Function):
-    """The model's own attention kernel forward; a block-wise exact backward that feeds a consumer."""
+    """The model's own kernel forward; an exact block-wise backward that feeds a consumer."""
 
     @staticmethod
-    def forward(ctx, recorder, record, kernel, kernel_kwargs, anchor, query, key, value, mask):  # type: ignore[override]
+    def forward(ctx, recorder, record, kernel, kwargs, anchor, query, key, value, mask):
         ctx.recorder, ctx.record = recorder, record
-        ctx.mask_needs_grad = mask is not None and mask.requires_grad
         with torch.no_grad():
-            return kernel(query, key, value, attn_mask=mask, **kernel_kwargs)
+            return kernel(query, key, value, attn_mask=mask, **kwargs)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output):
         record = ctx.record
-        d_query, d_key, d_value, d_mask = ctx.recorder.backward_call(record, record.call, grad_output)
+        d_query, d_key, d_value, d_mask = ctx.recorder.backward_call(
+            record, record.call, grad_output
+        )
         record.call = None
         return None, None, None, None, None, d_query, d_key, d_value, d_mask
 
@@ -145,12 +154,12 @@ class _CapturedProbs(torch.autograd.Function):
     """Identity on attention probabilities whose backward hands ``(A, dA)`` to the consumer."""
 
     @staticmethod
-    def forward(ctx, recorder, record, anchor, probs):  # type: ignore[override]
+    def forward(ctx, recorder, record, anchor, probs):
         ctx.recorder, ctx.record = recorder, record
         return probs.view_as(probs)
 
     @staticmethod
-    def backward(ctx, grad_probs):  # type: ignore[override]
+    def backward(ctx, grad_probs):
         ctx.recorder.backward_probs(ctx.record, grad_probs)
         ctx.record.probs = None
         return None, None, None, grad_probs

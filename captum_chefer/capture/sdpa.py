@@ -23,14 +23,35 @@ from ..core.attention import AttentionCall, attention_probs
 from .recorder import active_recorder
 
 
-def _captured_sdpa(original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                   scale=None, enable_gqa=False):
+def _captured_sdpa(
+    original,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+):
     recorder = active_recorder()
     if recorder is None or query.dim() != 4:
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return original(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
     call = AttentionCall(
-        query, key, value, attn_mask, bool(is_causal),
+        query,
+        key,
+        value,
+        attn_mask,
+        bool(is_causal),
         scale if scale is not None else query.shape[-1] ** -0.5,
     )
     if dropout_p > 0.0:

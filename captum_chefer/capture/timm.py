@@ -24,8 +24,8 @@ def timm_route(model: nn.Module | None) -> Iterator[None]:
     ]
     try:
         for module in switched:
-            module.fused_attn = True
+            setattr(module, "fused_attn", True)
         yield
     finally:
         for module in switched:
-            module.fused_attn = False
+            setattr(module, "fused_attn", False)

@@ -89,6 +89,8 @@ class MatrixRelevance:
     def matrix(self, include_identity: bool = True) -> Tensor:
         """``R = (I + Abar_L)…(I + Abar_1)`` over the captured layers, ``(B, N, N)``."""
         if not self.abars:
-            raise RuntimeError("No attention layer at or above start_layer reached the backward pass.")
+            raise RuntimeError(
+                "No attention layer at or above start_layer reached the backward pass."
+            )
         layers = [self.abars[index] for index in sorted(self.abars)]
         return propagate_matrix(layers, include_identity)

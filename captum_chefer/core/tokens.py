@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TokenIndex = Union[int, str, Tensor]
+TokenIndex = int | str | Tensor
 SelfRelevance = Literal["subtract", "zero", "keep"]
 
 
@@ -57,7 +57,9 @@ def token_start_rows(token_index: TokenIndex, valid: Tensor, causal: bool | Tens
     elif isinstance(token_index, int):
         index = torch.full((batch,), token_index, device=valid.device, dtype=torch.long)
     else:
-        raise TypeError(f"token_index must be 'auto', 'mean', an int or a LongTensor, not {token_index!r}")
+        raise TypeError(
+            f"token_index must be 'auto', 'mean', an int or a LongTensor, not {token_index!r}"
+        )
     index = torch.where(index < 0, index + size, index)
     return F.one_hot(index.clamp(0, size - 1), size).float()
 
@@ -100,7 +102,11 @@ def infer_patch_layout(
         (2, (14, 14))
     """
     if patch_grid is not None:
-        prefix = n_tokens - patch_grid[0] * patch_grid[1] if num_prefix_tokens is None else num_prefix_tokens
+        prefix = (
+            n_tokens - patch_grid[0] * patch_grid[1]
+            if num_prefix_tokens is None
+            else num_prefix_tokens
+        )
         if prefix < 0 or prefix + patch_grid[0] * patch_grid[1] != n_tokens:
             raise ValueError(
                 f"patch_grid={patch_grid} with num_prefix_tokens={prefix} does not match the "
