@@ -101,17 +101,16 @@ def attention_probs(call: AttentionCall, rows: slice = slice(None)) -> Tensor:
 
     Fully masked rows give zeros rather than NaN.
     """
-    query = call.query[:, :, rows].float()
+    query = call.query[:, :, rows].float() * call.scale
     key = _expand_heads(call.key, call.query.shape[1]).float()
-    scores = torch.matmul(query, key.transpose(-1, -2)) * call.scale
+    scores = torch.matmul(query, key.transpose(-1, -2))
     if call.mask is not None and call.mask.dtype != torch.bool:
-        scores = scores + _mask_rows(call.mask, rows).float()
+        scores += _mask_rows(call.mask, rows)
     allowed = call.allowed(rows, hard_only=True)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    peak = scores.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0, posinf=0.0)
-    weights = torch.exp(scores - peak)
-    return weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if allowed is None:
+        return torch.softmax(scores, dim=-1)
+    scores.masked_fill_(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
 
 
 def attention_backward(
@@ -154,7 +153,9 @@ def attention_backward(
         if not need_input_grads:
             continue
         assert d_query is not None and d_key is not None and d_value is not None
-        d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
+        # dS = A ⊙ (dA − rowsum(dA ⊙ A)), formed in place in the product's memory.
+        d_scores = d_probs.mul_(probs)
+        d_scores.addcmul_(probs, d_scores.sum(-1, keepdim=True), value=-1.0)
         d_query[:, :, rows] = torch.matmul(d_scores, key) * call.scale
         d_key += torch.matmul(d_scores.transpose(-1, -2), call.query[:, :, rows].float())
         d_value += torch.matmul(probs.transpose(-1, -2), d_out[:, :, rows])
