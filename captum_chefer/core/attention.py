@@ -20,7 +20,10 @@ import torch
 from torch import Tensor
 
 BlockConsumer = Callable[[slice, Tensor, Tensor], None]
-"""Called as ``consumer(rows, probs, grad_probs)`` with ``(B, H, r, Nk)`` float32 blocks."""
+"""Called as ``consumer(rows, probs, grad_probs)`` with ``(B, H, r, Nk)`` float32 blocks.
+
+The blocks are reused once the call returns: a consumer reduces them, it does not keep them.
+"""
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 
