@@ -13,9 +13,22 @@ from .capture import mark_attention
 
 __version__ = "0.1.0"
 
-_LAZY = {"CheferRelevance": "captum_chefer.attr"}
+_ATTRIBUTIONS = (
+    "AttentionGradCAM",
+    "AttentionRollout",
+    "CheferCoAttention",
+    "CheferDualEncoder",
+    "CheferEncoderDecoder",
+    "CheferLLMAttribution",
+    "CheferMultiModal",
+    "CheferRelevance",
+    "CheferSingleStream",
+    "GradientRollout",
+    "RawAttention",
+)
+_LAZY = {name: "captum_chefer.attr" for name in _ATTRIBUTIONS}
 
-__all__ = ["CheferRelevance", "mark_attention", "__version__"]
+__all__ = [*_ATTRIBUTIONS, "mark_attention", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

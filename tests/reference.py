@@ -89,3 +89,37 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-4) -> None:
     scale = expected.abs().max().clamp_min(1e-30)
     error = (actual.double() - expected).abs().max() / scale
     assert error <= rtol, f"relative error {error:.3g} > {rtol}"
+
+
+def fuse_heads(attention: Tensor, head_fusion: str = "mean") -> Tensor:
+    """Attention (B, H, N, N) reduced over heads by mean, max or min, in float64."""
+    attention = attention.double()
+    reduce = {"mean": attention.mean, "max": attention.amax, "min": attention.amin}[head_fusion]
+    return reduce(dim=1)
+
+
+def gradient_weighted(attention: Tensor, grad: Tensor) -> Tensor:
+    """ICCV 2021 eq. 5: mean_h(clamp(dA * A, 0)), in float64."""
+    return (grad.double() * attention.double()).clamp(min=0).mean(dim=1)
+
+
+def rollout_matrix(maps: list[Tensor], start_layer: int = 0) -> Tensor:
+    """Abnar & Zuidema: M_L' ... M_start' with M' = (M + I) / rowsum(M + I), forward order."""
+    joint = None
+    for layer, fused in enumerate(maps):
+        if layer < start_layer:
+            continue
+        augmented = fused.double() + torch.eye(fused.shape[-1], dtype=torch.float64)
+        augmented = augmented / augmented.sum(dim=-1, keepdim=True)
+        joint = augmented if joint is None else augmented @ joint
+    assert joint is not None
+    return joint
+
+
+def attention_gradcam_rows(attention: Tensor, grad: Tensor, rows: Tensor, positions: Tensor):
+    """CVPR'21 attention Grad-CAM of the last layer at ``rows``: the read row of A weighted per
+    head by its gradient's mean over ``positions`` (B, N) bool; head mean; clamp."""
+    read = lambda t: torch.einsum("bn,bhnm->bhm", rows.double(), t.double())  # noqa: E731
+    weights = (read(grad) * positions[:, None]).sum(-1, keepdim=True)
+    weights = weights / positions.sum(-1)[:, None, None]
+    return (read(attention) * weights).mean(dim=1).clamp(min=0)

@@ -1,5 +1,30 @@
 """The Captum-facing attribution classes; the only part of the package that imports Captum."""
 
+from .base import AttentionAttribution
+from .baselines import AttentionGradCAM, AttentionRollout, GradientRollout, RawAttention
 from .chefer import CheferRelevance
+from .llm import CheferLLMAttribution
+from .multimodal import (
+    CheferCoAttention,
+    CheferDualEncoder,
+    CheferEncoderDecoder,
+    CheferMultiModal,
+    CheferSingleStream,
+)
+from .streams import StreamMap
 
-__all__ = ["CheferRelevance"]
+__all__ = [
+    "AttentionAttribution",
+    "AttentionGradCAM",
+    "AttentionRollout",
+    "CheferCoAttention",
+    "CheferDualEncoder",
+    "CheferEncoderDecoder",
+    "CheferLLMAttribution",
+    "CheferMultiModal",
+    "CheferRelevance",
+    "CheferSingleStream",
+    "GradientRollout",
+    "RawAttention",
+    "StreamMap",
+]

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core import (
-    MatrixRelevance,
-    RowRelevance,
-    apply_self_relevance,
-    token_start_rows,
-    tokens_to_input,
-)
+from ..core import CheferMatrixReader, CheferRowReader
 from ..core.tokens import SelfRelevance, TokenIndex
-from ._captum import (
-    GradientAttribution,
-    TargetType,
-    _format_output,
-    _format_tensor_into_tuples,
-    _is_tuple,
-    log_usage,
-)
-from .trace import Trace, trace_attention
+from ._captum import TargetType, log_usage
+from .base import AttentionAttribution, Output
 
 
-class CheferRelevance(GradientAttribution):
+class CheferRelevance(AttentionAttribution):
     r"""Chefer, Gur & Wolf (ICCV 2021), "Generic Attention-model Explainability", eq. 5-6.
 
     For each attention layer ``l`` in forward order, ``Abar_l = mean_h(clamp(dA_l ⊙ A_l, 0))``
@@ -55,9 +41,7 @@ class CheferRelevance(GradientAttribution):
         torch.Size([2, 5, 16])
     """
 
-    def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
-        super().__init__(forward_func)
-        self.model = model if model is not None else _module_or_none(forward_func)
+    self_relevance_choices: ClassVar[tuple[str, ...]] = ("subtract", "zero", "keep")
 
     @log_usage()
     def attribute(
@@ -67,7 +51,7 @@ class CheferRelevance(GradientAttribution):
         additional_forward_args: Any = None,
         *,
         token_index: TokenIndex = "auto",
-        output: Literal["input", "token"] = "input",
+        output: Output = "input",
         self_relevance: SelfRelevance = "subtract",
         start_layer: int = 0,
         mode: Literal["row", "matrix"] = "row",
@@ -92,9 +76,11 @@ class CheferRelevance(GradientAttribution):
             self_relevance: the read token gets ``≥ 1`` from the identity in ``R = I + …``,
                 which dwarfs the rest. ``"subtract"`` (default) removes exactly that identity
                 share and keeps what attention added, which also works for ``"mean"``;
-                ``"zero"`` zeroes the read tokens as Chefer et al.'s code does; ``"keep"``
-                returns the raw row.
-            start_layer: skip attention layers below this index (Chefer's ViT scripts use 1).
+                ``"zero"`` zeroes the read tokens as Chefer et al.'s code does (an error with
+                ``token_index="mean"``, where every real token is read); ``"keep"`` returns the
+                raw row.
+            start_layer: skip attention layers below this index (Chefer's ViT scripts use 1);
+                ``0 <= start_layer < number of layers``.
             mode: ``"row"`` folds one row in during the backward pass (``O(B·N)`` memory);
                 ``"matrix"`` keeps each layer's ``(B, N, N)`` map and forms the full ``R``.
                 Both give the same result.
@@ -108,66 +94,18 @@ class CheferRelevance(GradientAttribution):
             Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
             ``output="token"``. Padding tokens get exactly 0.
         """
-        is_inputs_tuple = _is_tuple(inputs)
-        inputs_tuple = _format_tensor_into_tuples(inputs)
-        consumer = RowRelevance(start_layer) if mode == "row" else MatrixRelevance(start_layer)
         if mode not in ("row", "matrix"):
             raise ValueError(f"mode must be 'row' or 'matrix', not {mode!r}")
-        starts: list[Tensor] = []
-
-        def set_start(trace: Trace) -> None:
-            _check_self_attention(trace)
-            starts.append(token_start_rows(token_index, trace.valid, trace.causal))
-            if isinstance(consumer, RowRelevance):
-                consumer.set_start(starts[0])
-
-        trace = trace_attention(
-            self.forward_func,
-            self.model,
-            inputs_tuple,
+        reader = CheferRowReader(start_layer) if mode == "row" else CheferMatrixReader(start_layer)
+        return self._attribute(
+            reader,
+            inputs,
             target,
             additional_forward_args,
-            consumer,
-            set_start,
-            block_bytes if block_bytes is not None else 64 * 2**20,
-        )
-        if isinstance(consumer, RowRelevance):
-            added = consumer.added
-        else:
-            added = starts[0].unsqueeze(1).bmm(consumer.matrix(include_identity=False)).squeeze(1)
-        row = apply_self_relevance(added, starts[0], self_relevance).masked_fill(~trace.valid, 0.0)
-        if output == "token":
-            return row
-        if output != "input":
-            raise ValueError(f"output must be 'input' or 'token', not {output!r}")
-        mapped = tuple(
-            tokens_to_input(row, tensor.shape, num_prefix_tokens, patch_grid).to(tensor.device)
-            for tensor in inputs_tuple
-        )
-        return _format_output(is_inputs_tuple, mapped)
-
-    def has_convergence_delta(self) -> bool:
-        return False
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-
-def _module_or_none(forward_func: Callable[..., Any]) -> nn.Module | None:
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    owner = getattr(forward_func, "__self__", None)
-    return owner if isinstance(owner, nn.Module) else None
-
-
-def _check_self_attention(trace: Trace) -> None:
-    sizes = {record.shape[2:] for record in trace.records}
-    if len(sizes) != 1 or any(n_query != n_key for n_query, n_key in sizes):
-        shapes = sorted({record.shape for record in trace.records})
-        raise ValueError(
-            "CheferRelevance's self-attention rule needs every attention layer to attend over "
-            f"one token sequence, but the model's attention calls have shapes {shapes} "
-            "(B, H, Nq, Nk). For cross-attention or several sequences, use the bi-modal and "
-            "encoder-decoder rules."
+            token_index=token_index,
+            output=output,
+            self_relevance=self_relevance,
+            block_bytes=block_bytes,
+            num_prefix_tokens=num_prefix_tokens,
+            patch_grid=patch_grid,
         )

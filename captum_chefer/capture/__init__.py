@@ -12,7 +12,9 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 from torch import nn
 
+from .handwritten import handwritten_route
 from .huggingface import huggingface_route
+from .modules import module_scope
 from .multihead import multihead_route
 from .protocol import mark_attention
 from .recorder import CallRecord, Consumer, Recorder, active_recorder, recording
@@ -21,7 +23,13 @@ from .timm import timm_route
 
 Route = Callable[[nn.Module | None], AbstractContextManager[None]]
 
-ROUTES: list[Route] = [sdpa_route, huggingface_route, timm_route, multihead_route]
+ROUTES: list[Route] = [
+    sdpa_route,
+    huggingface_route,
+    timm_route,
+    multihead_route,
+    handwritten_route,
+]
 """The capture routes, entered in this order. The protocol route needs no entry: the model calls
 :func:`mark_attention` itself."""
 
@@ -44,4 +52,5 @@ __all__ = [
     "active_recorder",
     "capture_attention",
     "mark_attention",
+    "module_scope",
 ]

@@ -7,6 +7,11 @@ see reversibly, so for the duration of the call every config in the model is swi
 one. Switching the name, rather than registering a new one, keeps the mask: transformers 5
 builds no padding mask for an implementation name missing from its mask registry. The
 original names are written back in ``finally``.
+
+A model class that declares ``_supports_sdpa = False`` (ViLT, LXMERT, VisualBERT: attention
+written by hand) keeps its configs as they are: switching them would only change the mask it
+is given (a bool mask where its code adds a float one). Its attention is captured by the
+hand-written route instead.
 """
 
 from __future__ import annotations
@@ -27,15 +32,24 @@ _SWITCHED = (
 
 def _configs(model: nn.Module) -> list[object]:
     found: dict[int, object] = {}
+    kept: set[int] = set()
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation_internal"):
-            found[id(config)] = config
-            for name in getattr(config, "sub_configs", {}) or {}:
-                sub = getattr(config, name, None)
-                if sub is not None and hasattr(sub, "_attn_implementation_internal"):
-                    found[id(sub)] = sub
-    return list(found.values())
+            family = {id(config): config} | _sub_configs(config)
+            found.update(family)
+            if getattr(type(module), "_supports_sdpa", None) is False:
+                kept.update(family)
+    return [config for key, config in found.items() if key not in kept]
+
+
+def _sub_configs(config: object) -> dict[int, object]:
+    subs = {}
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "_attn_implementation_internal"):
+            subs[id(sub)] = sub
+    return subs
 
 
 @contextmanager

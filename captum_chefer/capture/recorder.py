@@ -50,6 +50,9 @@ class CallRecord:
     shape: tuple[int, int, int, int]
     call: AttentionCall | None = None
     probs: Tensor | None = None
+    module: str | None = None
+    """Qualified name of the innermost module running when the call was made; set only inside
+    :func:`~captum_chefer.capture.modules.module_scope`."""
 
     def allowed(self) -> Tensor | None:
         """Bool ``(B|1, H|1, Nq, Nk)`` of attended positions, or None when all are."""
@@ -67,11 +70,13 @@ class Recorder:
     block_bytes: int | None = None
     anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
     records: list[CallRecord] = field(default_factory=list)
+    scope: list[str] = field(default_factory=list)
+    """Names of the modules running now, outermost first (see ``module_scope``)."""
 
     def _new_record(self, shape: tuple[int, int, int, int], device: torch.device) -> CallRecord:
         if self.anchor.device != device:
             self.anchor = torch.zeros((), device=device, requires_grad=True)
-        record = CallRecord(len(self.records), shape)
+        record = CallRecord(len(self.records), shape, module=self.scope[-1] if self.scope else None)
         self.records.append(record)
         return record
 

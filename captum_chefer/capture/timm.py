@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
+_FLAG = "fused_attn"
+
 
 @contextmanager
 def timm_route(model: nn.Module | None) -> Iterator[None]:
@@ -20,12 +22,12 @@ def timm_route(model: nn.Module | None) -> Iterator[None]:
     switched = [
         module
         for module in (model.modules() if model is not None else ())
-        if getattr(module, "fused_attn", None) is False
+        if getattr(module, _FLAG, None) is False
     ]
     try:
         for module in switched:
-            setattr(module, "fused_attn", True)
+            setattr(module, _FLAG, True)
         yield
     finally:
         for module in switched:
-            setattr(module, "fused_attn", False)
+            setattr(module, _FLAG, False)

@@ -9,11 +9,11 @@ the optional progress bar), never Captum, transformers or timm.
   RISE (Petsiuk et al., BMVC 2018).
 - :func:`comprehensiveness`, :func:`sufficiency`: ERASER (DeYoung et al., ACL 2020).
 - :func:`pointing_game`, :func:`segmentation_scores`, :func:`average_precision`: localization
-  against a ground-truth mask.
+  against a ground-truth mask; :func:`token_f1`: the top-k tokens against known evidence tokens.
 """
 
 from .eraser import ERASER_BINS, comprehensiveness, sufficiency
-from .localization import average_precision, pointing_game, segmentation_scores
+from .localization import average_precision, pointing_game, segmentation_scores, token_f1
 from .perturbation import (
     CHEFER_FRACTIONS,
     RISE_FRACTIONS,
@@ -43,4 +43,5 @@ __all__ = [
     "pointing_game",
     "segmentation_scores",
     "sufficiency",
+    "token_f1",
 ]

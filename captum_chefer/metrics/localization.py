@@ -1,4 +1,4 @@
-"""Localization of a relevance map against a ground-truth mask: pointing game and segmentation.
+"""Localization of a relevance map against ground truth: pointing game, segmentation, token F1.
 
 References:
     Zhang et al. "Top-down Neural Attention by Excitation Backprop", ECCV 2016 (pointing game).
@@ -90,6 +90,50 @@ def segmentation_scores(attributions: Tensor, mask: Tensor) -> SegmentationScore
     pooled_scores = torch.cat([1 - normalized, normalized], 1)
     ap = average_precision(pooled_scores, torch.cat([~truth, truth], 1))
     return SegmentationScores(accuracy, miou, ap, intersection, union)
+
+
+def token_f1(attributions: Tensor, evidence: Tensor, candidates: Tensor | None = None):
+    """F1 of the top-k tokens against known evidence tokens, with k the number of evidence tokens.
+
+    For each example the ``k`` candidates with the highest attribution are predicted as evidence,
+    ties going to the lower position. With exactly ``k`` predicted, precision, recall and F1 are
+    all ``|top-k ∩ evidence| / k``; fewer candidates than ``k`` lower the recall. An example
+    without evidence scores 0. Exclude [CLS]/[SEP]/padding through ``candidates``.
+
+    Args:
+        attributions: ``(B, T)`` one relevance per token (sum embeddings' attributions first).
+        evidence: ``(B, T)`` bool or 0/1, the ground-truth tokens.
+        candidates: ``(B, T)`` bool, the tokens that may be predicted (default: all); the
+            evidence should lie inside it.
+
+    Returns:
+        :class:`MetricResult`: ``(B,)`` F1 per example and their mean.
+
+    Example:
+        >>> import torch
+        >>> from captum_chefer.metrics import token_f1
+        >>> relevance = torch.tensor([[0.9, 0.1, 0.8, 0.3], [0.2, 0.7, 0.1, 0.0]])
+        >>> evidence = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
+        >>> candidates = torch.tensor([[False, True, True, True], [True, True, True, True]])
+        >>> token_f1(relevance, evidence, candidates).per_example.tolist()
+        [0.5, 1.0]
+    """
+    if attributions.dim() != 2 or attributions.shape != evidence.shape:
+        raise ValueError(
+            f"attributions {tuple(attributions.shape)} and evidence {tuple(evidence.shape)} must "
+            "both be (B, T); sum embedding attributions over the hidden dimension first."
+        )
+    truth = evidence.to(attributions.device) != 0
+    allowed = torch.ones_like(truth) if candidates is None else candidates.to(truth.device) != 0
+    scores = attributions.detach().float().masked_fill(~allowed, float("-inf"))
+    rank = torch.sort(scores, dim=1, descending=True, stable=True).indices.argsort(dim=1)
+    k = truth.sum(1, keepdim=True)
+    chosen = (rank < k) & allowed
+    hits = (chosen & truth).sum(1).float()
+    precision = hits / chosen.sum(1).clamp(min=1)
+    recall = hits / k.squeeze(1).clamp(min=1)
+    f1 = torch.where(hits > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+    return MetricResult(f1, f1.mean())
 
 
 def average_precision(scores: Tensor, labels: Tensor) -> Tensor:

@@ -1,0 +1,155 @@
+"""The attribution flow every class of this package shares.
+
+Format the inputs, run one forward with attention captured and one backward from the selected
+output (:func:`~captum_chefer.attr.trace.trace_attention`), hand each layer's ``(A, dA)`` to a
+:class:`~captum_chefer.core.readers.RowReader`, read one relevance row per example, zero the
+padding, and map the row onto each input. The classes differ only in their reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor, nn
+
+from ..core import ReadSetup, RowReader, infer_patch_layout, token_start_rows, tokens_to_input
+from ..core.tokens import SelfRelevance, TokenIndex
+from ._captum import (
+    GradientAttribution,
+    TargetType,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+)
+from .trace import Trace, trace_attention
+
+Output = Literal["input", "token"]
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+"""Memory for one block of recomputed attention ``(B, H, rows, N)`` when none is given."""
+
+
+class AttentionAttribution(GradientAttribution):
+    """Base class: a Captum attribution read off captured attention and its gradient.
+
+    Subclasses build a reader in ``attribute`` and return :meth:`_attribute`'s result.
+
+    Args:
+        forward_func: the model, or any callable returning a tensor (or an object with
+            ``.logits``).
+        model: the module whose attention is explained, when ``forward_func`` is not one.
+    """
+
+    self_relevance_choices: ClassVar[tuple[str, ...]] = ("zero", "keep")
+    """The ``self_relevance`` values this method's row supports."""
+
+    def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
+        super().__init__(forward_func)
+        self.model = model if model is not None else _module_or_none(forward_func)
+
+    def _attribute(
+        self,
+        reader: RowReader,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        *,
+        token_index: TokenIndex,
+        output: Output,
+        self_relevance: SelfRelevance,
+        block_bytes: int | None,
+        num_prefix_tokens: int | None,
+        patch_grid: tuple[int, int] | None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Trace the model once, feed ``reader``, and map its row onto the inputs."""
+        self._check_options(token_index, output, self_relevance)
+        is_inputs_tuple = _is_tuple(inputs)
+        inputs_tuple = _format_tensor_into_tuples(inputs)
+
+        def prepare(trace: Trace) -> None:
+            _check_self_attention(trace, type(self).__name__)
+            start = token_start_rows(token_index, trace.valid, trace.causal)
+            prefix = _prefix_tokens(trace, inputs_tuple, num_prefix_tokens, patch_grid)
+            reader.prepare(ReadSetup(start, trace.valid, len(trace.records), prefix))
+
+        trace = trace_attention(
+            self.forward_func,
+            self.model,
+            inputs_tuple,
+            target,
+            additional_forward_args,
+            reader,
+            prepare,
+            block_bytes if block_bytes is not None else DEFAULT_BLOCK_BYTES,
+        )
+        row = reader.read(self_relevance).masked_fill(~trace.valid, 0.0)
+        if output == "token":
+            return row
+        mapped = tuple(
+            tokens_to_input(row, tensor.shape, num_prefix_tokens, patch_grid).to(tensor.device)
+            for tensor in inputs_tuple
+        )
+        return _format_output(is_inputs_tuple, mapped)
+
+    def _check_options(
+        self, token_index: TokenIndex, output: Output, self_relevance: SelfRelevance
+    ) -> None:
+        name = type(self).__name__
+        if output not in ("input", "token"):
+            raise ValueError(f"output must be 'input' or 'token', not {output!r}")
+        if self_relevance not in self.self_relevance_choices:
+            choices = ", ".join(repr(choice) for choice in self.self_relevance_choices)
+            raise ValueError(
+                f"self_relevance must be one of {choices} for {name}, not {self_relevance!r}"
+            )
+        if isinstance(token_index, str) and token_index == "mean" and self_relevance == "zero":
+            raise ValueError(
+                "self_relevance='zero' zeroes the read tokens, and with token_index='mean' every "
+                "real token is read, so the map would be all zeros; pass self_relevance='keep'"
+                + (" or 'subtract'." if "subtract" in self.self_relevance_choices else ".")
+            )
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+
+def _module_or_none(forward_func: Callable[..., Any]) -> nn.Module | None:
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _check_self_attention(trace: Trace, name: str) -> None:
+    sizes = {record.shape[2:] for record in trace.records}
+    if len(sizes) != 1 or any(n_query != n_key for n_query, n_key in sizes):
+        shapes = sorted({record.shape for record in trace.records})
+        raise ValueError(
+            f"{name}'s self-attention rule needs every attention layer to attend over one token "
+            f"sequence, but the model's attention calls have shapes {shapes} (B, H, Nq, Nk). For "
+            "cross-attention or several sequences, use the bi-modal and encoder-decoder rules."
+        )
+
+
+def _prefix_tokens(
+    trace: Trace,
+    inputs: tuple[Tensor, ...],
+    num_prefix_tokens: int | None,
+    patch_grid: tuple[int, int] | None,
+) -> int:
+    """Tokens before the patch grid: as given, else inferred from an image input, else 0."""
+    if num_prefix_tokens is not None:
+        return num_prefix_tokens
+    n_tokens = trace.records[0].shape[-1]
+    for tensor in inputs:
+        if tensor.dim() == 4:
+            height, width = tensor.shape[-2:]
+            try:
+                return infer_patch_layout(n_tokens, height, width, None, patch_grid)[0]
+            except ValueError:
+                return 0
+    return 0

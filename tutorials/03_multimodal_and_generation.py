@@ -1,0 +1,277 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Tutorial 3: bi-modal models, encoder-decoders and text generation
+#
+# Chefer, Gur & Wolf (ICCV 2021) extend their relevance rule beyond self-attention. Every
+# modality `x` keeps a map `R_xx` (from `I`) and every pair `R_xy` (from `0`):
+#
+# - self-attention within `s` (eq. 6-7): `R_ss += Abar_ss·R_ss`, `R_sq += Abar_ss·R_sq`;
+# - `s` attending to `q` (eq. 10-11): `R_sq += R̄_ssᵀ·Abar_sq·R̄_qq`, `R_ss += Abar_sq·R_qs`,
+#   with `R̄_xx = rownorm(R_xx − I) + I` (eq. 8-9);
+#
+# where `Abar = mean_h(clamp(dA ⊙ A, 0))`. This tutorial explains
+#
+# 1. a dual encoder's (CLIP) image-text match: `CheferDualEncoder`;
+# 2. a sequence-to-sequence model's (BART) output: `CheferLLMAttribution` over an
+#    encoder-decoder, built on `CheferEncoderDecoder`;
+# 3. a causal LM's (Llama) generated continuation: `CheferLLMAttribution`.
+#
+# The pictures use Captum's own visualization: `visualize_image_attr`, `visualize_text`, and
+# `LLMAttributionResult.plot_token_attr` / `plot_seq_attr`.
+#
+# **The models here are randomly initialised** (nothing is downloaded), so the maps show the
+# mechanics, not meaningful explanations. The cells marked *real checkpoints* show the same
+# calls on pretrained weights; they only run when `CAPTUM_CHEFER_PRETRAINED=1` is set on a
+# machine with internet access.
+
+# %%
+import os
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from captum.attr import TextTokenInput  # noqa: E402
+from captum.attr import visualization as viz  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    BartConfig,
+    BartForConditionalGeneration,
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from captum_chefer import CheferDualEncoder, CheferLLMAttribution  # noqa: E402
+from captum_chefer.viz import save_text_heatmap  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*generation flags.*")
+QUICK = os.environ.get("CAPTUM_CHEFER_QUICK") == "1"
+PRETRAINED = os.environ.get("CAPTUM_CHEFER_PRETRAINED") == "1"
+OUT = Path(os.environ.get("CAPTUM_CHEFER_TUTORIAL_OUT", "tutorial_output"))
+OUT.mkdir(parents=True, exist_ok=True)
+LAYERS = 2 if QUICK else 4
+WIDTH = 32 if QUICK else 64
+IMAGE = 64 if QUICK else 224
+torch.manual_seed(0)
+
+
+def save(figure, name):
+    figure.savefig(OUT / name, bbox_inches="tight")
+    plt.close(figure)
+    print("wrote", OUT / name)
+
+
+# %% [markdown]
+# A word-level tokenizer built in place of a downloaded one: Captum's `TextTokenInput` and the
+# LLM result's plots only need `encode`, `decode` and offsets, which any fast tokenizer has.
+
+# %%
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+WORDS = ["a", "photo", "of", "red", "square", "on", "blue", "background"]
+WORDS += ["the", "cat", "sat", "mat", "and", "dog", "ran", "far", "away"]
+raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, "<unk>"))
+raw.pre_tokenizer = pre_tokenizers.Whitespace()
+tokenizer = PreTrainedTokenizerFast(
+    tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+)
+VOCAB = len(tokenizer)
+EOS = tokenizer.eos_token_id
+
+# %% [markdown]
+# ## 1. A dual encoder: which pixels and words make an image and a caption match
+#
+# `CheferDualEncoder` explains the similarity logit `logits_per_image[i, j]` of each (image,
+# text) pair. Each tower only attends within itself, so each gets the self-attention rule
+# with its own attention calls (told apart by the module that made them). The image
+# relevance is the vision CLS row, laid on the patch grid and upsampled to the pixels; the
+# text relevance is the row of the token CLIP pools the text from (its EOT token).
+# `target=None` explains the diagonal pairs (image `i` with caption `i`); a list gives the
+# caption for each image.
+
+# %%
+tower = dict(
+    hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=2 * WIDTH
+)
+clip_config = CLIPConfig(
+    text_config=dict(vocab_size=VOCAB, max_position_embeddings=32, eos_token_id=EOS, **tower),
+    vision_config=dict(image_size=IMAGE, patch_size=IMAGE // 8, **tower),
+    projection_dim=WIDTH,
+)
+clip = CLIPModel(clip_config).eval()
+
+# A synthetic picture in [0, 1]: a red square on a blue background.
+picture = torch.zeros(3, IMAGE, IMAGE)
+picture[2] = 0.8
+picture[:, IMAGE // 4 : IMAGE // 2, IMAGE // 3 : 3 * IMAGE // 4] = torch.tensor([0.9, 0.1, 0.1])[
+    :, None, None
+]
+pixels = ((picture - 0.5) / 0.5).unsqueeze(0)
+captions = ["a photo of a red square </s>", "a photo of a dog </s> <pad> <pad>"]
+batch = tokenizer(captions, return_tensors="pt", padding=True)
+images = pixels.expand(2, -1, -1, -1)
+
+explainer = CheferDualEncoder(clip)
+image_maps, text_relevance = explainer.attribute(
+    (images, batch["input_ids"]), target=None, additional_forward_args=batch["attention_mask"]
+)
+print("image map", tuple(image_maps.shape), "text relevance", tuple(text_relevance.shape))
+
+# %%
+figure, axes = plt.subplots(1, 2, figsize=(8, 4))
+for i, axis in enumerate(axes):
+    viz.visualize_image_attr(
+        image_maps[i].permute(1, 2, 0).numpy(),
+        picture.permute(1, 2, 0).numpy(),
+        method="blended_heat_map",
+        sign="positive",
+        plt_fig_axis=(figure, axis),
+        title=captions[i].replace(" <pad>", ""),
+        use_pyplot=False,
+    )
+save(figure, "03_clip_image_relevance.png")
+
+# The caption relevance as a coloured-token page (Captum's `visualize_text` draws the same
+# records in a notebook; it needs IPython).
+with torch.no_grad():
+    logits = clip(input_ids=batch["input_ids"], pixel_values=images).logits_per_image
+rows = []
+for i in range(len(captions)):
+    tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][i].tolist())
+    real = int(batch["attention_mask"][i].sum())
+    rows.append((f"logit {float(logits[i, i]):.3f}", tokens[:real], text_relevance[i, :real]))
+save_text_heatmap(OUT / "03_clip_text_relevance.html", rows, "CLIP caption relevance")
+print("wrote", OUT / "03_clip_text_relevance.html")
+try:
+    import IPython  # noqa: F401
+
+    records = [
+        viz.VisualizationDataRecord(scores, 0.0, 0, 0, 0, scores.sum(), tokens, 0.0)
+        for _, tokens, scores in rows
+    ]
+    viz.visualize_text(records)
+except ImportError:
+    pass
+
+# %% [markdown]
+# *Real checkpoints* (not run here): the same call on OpenAI's CLIP. Load the model with
+# `attn_implementation="sdpa"` or leave the default; captum_chefer captures either.
+
+# %%
+if PRETRAINED:  # needs internet access; never runs in the tests
+    from PIL import Image
+    from transformers import CLIPProcessor
+
+    real = CLIPModel.from_pretrained("openai/clip-vit-base-patch32").eval()
+    processor = CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32")
+    inputs = processor(
+        text=["a photo of a cat"], images=Image.open("cat.jpg"), return_tensors="pt", padding=True
+    )
+    real_maps = CheferDualEncoder(real).attribute(
+        (inputs["pixel_values"], inputs["input_ids"]),
+        additional_forward_args=inputs["attention_mask"],
+    )
+
+# %% [markdown]
+# ## 2. A sequence-to-sequence output
+#
+# For an encoder-decoder, the encoder's self-attention updates `R_ii`; in each decoder layer
+# the decoder self-attention updates `R_qq` and `R_qi` (eq. 6-7) and the cross-attention adds
+# `R̄_qqᵀ·Abar_qi·R̄_ii` to `R_qi` (eq. 10). The relevance of the source for a generated token
+# is the `R_qi` row of the decoder position that produced it. `CheferLLMAttribution` runs
+# this for every token of a target (teacher-forced), in Captum's LLM API: the result is a
+# `captum.attr.LLMAttributionResult`. `include_generated=True` adds the decoder prefix (the
+# start token and the earlier output tokens) as extra columns.
+
+# %%
+bart_config = BartConfig(
+    vocab_size=VOCAB,
+    d_model=WIDTH,
+    encoder_layers=LAYERS,
+    decoder_layers=LAYERS,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=2 * WIDTH,
+    decoder_ffn_dim=2 * WIDTH,
+    max_position_embeddings=64,
+    pad_token_id=tokenizer.pad_token_id,
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_id=EOS,
+    decoder_start_token_id=EOS,
+)
+bart = BartForConditionalGeneration(bart_config).eval()
+source = TextTokenInput("the cat sat on a red mat", tokenizer)
+seq2seq = CheferLLMAttribution(bart, tokenizer).attribute(
+    source, target="a cat sat", include_generated=True
+)
+print(seq2seq.input_tokens, "->", seq2seq.output_tokens)
+save(seq2seq.plot_token_attr()[0], "03_bart_token_attr.png")
+
+# %% [markdown]
+# ## 3. A generated continuation of a causal LM
+#
+# With no `target`, the continuation is generated first (`gen_args` go to `model.generate`),
+# then each generated token is explained by the row of the position that produced it. Causal
+# LMs use the lean path: one relevance row is folded in during the backward pass and the
+# attention is recomputed a block of query rows at a time, so long prompts fit.
+# `batch_size` target tokens share one forward and backward pass.
+
+# %%
+llama_config = LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=WIDTH,
+    intermediate_size=2 * WIDTH,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=tokenizer.pad_token_id,
+    eos_token_id=EOS,
+)
+llama = LlamaForCausalLM(llama_config).eval()
+prompt = TextTokenInput("the cat sat on the mat and the dog", tokenizer)
+generation = CheferLLMAttribution(llama, tokenizer).attribute(
+    prompt,
+    gen_args={"max_new_tokens": 3 if QUICK else 6, "do_sample": False, "eos_token_id": None},
+    include_generated=True,
+    batch_size=4,
+)
+print("generated:", generation.output_tokens)
+print("sequence relevance:", {k: round(v, 4) for k, v in generation.seq_attr_dict.items()})
+save(generation.plot_token_attr()[0], "03_llama_token_attr.png")
+save(generation.plot_seq_attr()[0], "03_llama_seq_attr.png")
+
+# %% [markdown]
+# *Real checkpoints* (not run here): any Hugging Face causal LM or seq2seq model works the
+# same way, e.g.
+#
+# ```python
+# from transformers import AutoModelForCausalLM, AutoTokenizer
+# tokenizer = AutoTokenizer.from_pretrained("meta-llama/Llama-3.2-1B")
+# model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B").eval()
+# result = CheferLLMAttribution(model, tokenizer).attribute(
+#     TextTokenInput("The capital of France is", tokenizer), target=" Paris")
+# result.plot_token_attr(show=True)
+# ```
+#
+# ## What else is there
+#
+# - `CheferEncoderDecoder(forward_func, model)` explains any output of BART, T5 (whose
+#   relative position bias is captured with the attention) or Marian directly, with the
+#   source relevance and the decoder-prefix relevance as a tuple.
+# - `CheferSingleStream` (ViLT, VisualBERT) splits the relevance over the joint sequence back
+#   onto the text ids and the image (ViLT's randomly ordered patches are put back in place).
+# - `CheferCoAttention` (LXMERT) applies the full eq. 6-11 with two streams.
+# - A `StreamMap` of module-name rules adapts any of them to another model family.
