@@ -123,3 +123,24 @@ def attention_gradcam_rows(attention: Tensor, grad: Tensor, rows: Tensor, positi
     weights = (read(grad) * positions[:, None]).sum(-1, keepdim=True)
     weights = weights / positions.sum(-1)[:, None, None]
     return (read(attention) * weights).mean(dim=1).clamp(min=0)
+
+
+def encoder_reference(model, x, target, padding_mask):
+    """The TransformerEncoder's post-norm layers written out, keeping each softmax."""
+    attentions = []
+    h = x.double()
+    for layer in copy.deepcopy(model).double().encoder.layers:
+        mha = layer.self_attn
+        q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (mha.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        attn = scores.softmax(-1)
+        attn.retain_grad()
+        attentions.append(attn)
+        out = mha.out_proj((attn @ v).transpose(1, 2).flatten(2))
+        h = layer.norm1(h + out)
+        h = layer.norm2(h + layer.linear2(F.relu(layer.linear1(h))))
+    logits = F.linear(h[:, 0], model.head.weight.double(), model.head.bias.double())
+    logits.gather(1, target[:, None]).sum().backward()
+    return attentions, [a.grad for a in attentions]

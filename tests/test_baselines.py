@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from reference import (
     assert_close,
     attention_gradcam_rows,
+    encoder_reference,
     fuse_heads,
     gradient_weighted,
     hf_eager_attentions,
@@ -25,7 +26,6 @@ from reference import (
     read_rows,
     rollout_matrix,
 )
-from test_relevance import _encoder_reference
 
 from captum_chefer import (
     AttentionGradCAM,
@@ -224,7 +224,7 @@ def _encoder() -> Case:
     padding = torch.zeros(2, 6, dtype=torch.bool)
     padding[1, 4:] = True
     target = torch.tensor([2, 1])
-    attn, grads = _encoder_reference(model, x, target, padding)
+    attn, grads = encoder_reference(model, x, target, padding)
     attn = [a.detach() for a in attn]
     return Case(
         model,

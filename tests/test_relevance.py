@@ -7,9 +7,9 @@ import copy
 import models
 import pytest
 import torch
-import torch.nn.functional as F
 from reference import (
     assert_close,
+    encoder_reference,
     hf_eager_attentions,
     hooked_attentions,
     image_map,
@@ -102,27 +102,6 @@ def test_timm_deit_two_prefix_tokens_matches_reference():
     assert all(block.attn.fused_attn for block in model.blocks)
 
 
-def _encoder_reference(model: models.EncoderClassifier, x, target, padding_mask):
-    """The TransformerEncoder's post-norm layers written out, keeping each softmax."""
-    attentions = []
-    h = x.double()
-    for layer in copy.deepcopy(model).double().encoder.layers:
-        mha = layer.self_attn
-        q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.unflatten(-1, (mha.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
-        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-        attn = scores.softmax(-1)
-        attn.retain_grad()
-        attentions.append(attn)
-        out = mha.out_proj((attn @ v).transpose(1, 2).flatten(2))
-        h = layer.norm1(h + out)
-        h = layer.norm2(h + layer.linear2(F.relu(layer.linear1(h))))
-    logits = F.linear(h[:, 0], model.head.weight.double(), model.head.bias.double())
-    _pick(logits, target).sum().backward()
-    return attentions, [a.grad for a in attentions]
-
-
 @pytest.mark.parametrize("mode", ["row", "matrix"])
 def test_transformer_encoder_matches_reference(mode):
     model = models.EncoderClassifier().eval()
@@ -131,7 +110,7 @@ def test_transformer_encoder_matches_reference(mode):
     padding[1, 4:] = True
     target = torch.tensor([2, 0])
     ours = CheferRelevance(model).attribute(x, target, (padding,), mode=mode)
-    attn, grads = _encoder_reference(model, x, target, padding)
+    attn, grads = encoder_reference(model, x, target, padding)
     row = read_rows(relevance_matrix(attn, grads), one_hot_rows([0, 0], 6)) * ~padding
     assert_close(ours, row[..., None].expand(2, 6, 16))
 

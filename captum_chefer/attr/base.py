@@ -25,8 +25,6 @@ from ._captum import (
 from .trace import Trace, trace_attention
 
 Output = Literal["input", "token"]
-DEFAULT_BLOCK_BYTES = 64 * 2**20
-"""Memory for one block of recomputed attention ``(B, H, rows, N)`` when none is given."""
 
 
 class AttentionAttribution(GradientAttribution):
@@ -80,7 +78,7 @@ class AttentionAttribution(GradientAttribution):
             additional_forward_args,
             reader,
             prepare,
-            block_bytes if block_bytes is not None else DEFAULT_BLOCK_BYTES,
+            block_bytes,
         )
         row = reader.read(self_relevance).masked_fill(~trace.valid, 0.0)
         if output == "token":

@@ -51,7 +51,6 @@ from .streams import CO_ATTENTION, DUAL_ENCODER, ENCODER_DECODER, SINGLE_STREAM,
 from .trace import Trace, trace_attention
 
 Output = Literal["input", "token"]
-DEFAULT_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -108,7 +107,7 @@ def trace_multimodal(
             additional_forward_args,
             collector,
             prepare,
-            block_bytes if block_bytes is not None else DEFAULT_BLOCK_BYTES,
+            block_bytes,
         )
     records = trace.records
     device = trace.output.device

@@ -25,7 +25,8 @@ BlockConsumer = Callable[[slice, Tensor, Tensor], None]
 The blocks are reused once the call returns: a consumer reduces them, it does not keep them.
 """
 
-DEFAULT_BLOCK_BYTES = 256 * 2**20
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+"""Memory for one recomputed float32 block ``(B, H, rows, Nk)`` when none is given."""
 
 
 @dataclass(frozen=True)
