@@ -37,7 +37,8 @@ _SHARED_ARGS = """
                 causal, else the first), an int, ``"mean"`` or a LongTensor ``(B,)``.
             output: ``"input"`` maps the row onto each input; ``"token"`` returns ``(B, N)``.
             self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
-            block_bytes: memory for one block of recomputed attention; default 64 MiB.
+            block_bytes: memory for one block of recomputed attention; default 4 MiB on CPU,
+                256 MiB on GPU.
             num_prefix_tokens: tokens before the patch grid; inferred from the image if None.
             patch_grid: ``(rows, cols)`` of patches; inferred if None.
 

@@ -85,7 +85,8 @@ class CheferRelevance(AttentionAttribution):
                 ``"matrix"`` keeps each layer's ``(B, N, N)`` map and forms the full ``R``.
                 Both give the same result.
             block_bytes: memory for one block of recomputed attention ``(B, H, rows, N)``;
-                default 64 MiB. Long inputs are processed a block of query rows at a time.
+                default 4 MiB on CPU (cache-sized), 256 MiB on GPU. Inputs are processed a
+                block of query rows at a time, so memory does not grow with ``N²·H``.
             num_prefix_tokens: tokens before the patch grid (CLS, distillation, registers);
                 inferred from the image size when None.
             patch_grid: ``(rows, cols)`` of patches; inferred when None.

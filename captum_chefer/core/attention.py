@@ -25,8 +25,9 @@ BlockConsumer = Callable[[slice, Tensor, Tensor], None]
 The blocks are reused once the call returns: a consumer reduces them, it does not keep them.
 """
 
-DEFAULT_BLOCK_BYTES = 64 * 2**20
-"""Memory for one recomputed float32 block ``(B, H, rows, Nk)`` when none is given."""
+DEFAULT_BLOCK_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
+"""Memory for one recomputed float32 block ``(B, H, rows, Nk)`` when none is given, by device
+type: small blocks stay in a CPU's caches, large ones keep a GPU busy."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def _reduce_heads(grad: Tensor, heads: int) -> Tensor:
 def block_rows_for(call: AttentionCall, block_bytes: int | None = None) -> int:
     """Query rows per block so that one float32 ``(B, H, rows, Nk)`` block fits ``block_bytes``."""
     batch, heads, n_query, n_key = call.shape
-    budget = DEFAULT_BLOCK_BYTES if block_bytes is None else block_bytes
+    default = DEFAULT_BLOCK_BYTES.get(call.query.device.type, DEFAULT_BLOCK_BYTES["cuda"])
+    budget = default if block_bytes is None else block_bytes
     rows = budget // max(1, 4 * batch * heads * n_key)
     return int(max(1, min(n_query, rows)))
 
@@ -139,10 +141,8 @@ def attention_backward(
         ``(dQ, dK, dV, dmask)`` in the inputs' dtypes; ``dmask`` only for a float mask that
         requires grad.
     """
-    heads = call.query.shape[1]
-    key = _expand_heads(call.key, heads).float()
-    value = _expand_heads(call.value, heads).float()
-    d_out = grad_output.float()
+    dense = _dense(call)
+    key, value, d_out = dense.key, dense.value, grad_output.float().contiguous()
     mask_grad = call.mask is not None and call.mask.dtype != torch.bool and call.mask.requires_grad
     d_query = torch.zeros_like(call.query, dtype=torch.float32) if need_input_grads else None
     d_key = torch.zeros_like(key) if need_input_grads else None
@@ -150,7 +150,7 @@ def attention_backward(
     d_scores_all = []
     for start in range(0, call.query.shape[-2], block_rows):
         rows = slice(start, start + block_rows)
-        probs = attention_probs(call, rows)
+        probs = attention_probs(dense, rows)
         d_probs = torch.matmul(d_out[:, :, rows], value.transpose(-1, -2))
         if consumer is not None:
             consumer(rows, probs, d_probs)
@@ -161,7 +161,7 @@ def attention_backward(
         d_scores = d_probs.mul_(probs)
         d_scores.addcmul_(probs, d_scores.sum(-1, keepdim=True), value=-1.0)
         d_query[:, :, rows] = torch.matmul(d_scores, key) * call.scale
-        d_key += torch.matmul(d_scores.transpose(-1, -2), call.query[:, :, rows].float())
+        d_key += torch.matmul(d_scores.transpose(-1, -2), dense.query[:, :, rows])
         d_value += torch.matmul(probs.transpose(-1, -2), d_out[:, :, rows])
         if mask_grad:
             d_scores_all.append(d_scores)
@@ -176,6 +176,23 @@ def attention_backward(
         d_key.to(call.key.dtype),
         d_value.to(call.value.dtype),
         d_mask,
+    )
+
+
+def _dense(call: AttentionCall) -> AttentionCall:
+    """The call with float32, contiguous, head-expanded tensors, formed once per layer.
+
+    Attention layouts are often transposed views; a block-wise matmul on one would copy the
+    whole key or value for every block.
+    """
+    heads = call.query.shape[1]
+    return AttentionCall(
+        call.query.float().contiguous(),
+        _expand_heads(call.key, heads).float().contiguous(),
+        _expand_heads(call.value, heads).float().contiguous(),
+        call.mask,
+        call.is_causal,
+        call.scale,
     )
 
 
