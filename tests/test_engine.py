@@ -175,3 +175,53 @@ def test_core_imports_torch_only():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class _SdpaOptionsModel(torch.nn.Module):
+    """Custom attention through SDPA with every option set: scale, GQA, an additive mask."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.q = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+        self.kv = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+        self.head = torch.nn.Linear(16, 3)
+        self.explicit, self.kept = explicit, []
+
+    def forward(self, ids, bias):
+        x = self.embed(ids)
+        batch, size, _ = x.shape
+        for q_proj, kv_proj in zip(self.q, self.kv):
+            q = q_proj(x).view(batch, size, 4, 4).transpose(1, 2)
+            k, v = kv_proj(x).view(batch, size, 2, 8).transpose(1, 2).chunk(2, dim=-1)
+            if self.explicit:
+                k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+                attn = torch.softmax(q @ k.transpose(-1, -2) * 0.3 + bias, dim=-1)
+                attn.retain_grad()
+                self.kept.append(attn)
+                out = attn @ v
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=bias, scale=0.3, enable_gqa=True
+                )
+            x = torch.tanh(x + out.transpose(1, 2).reshape(batch, size, 16))
+        return self.head(x[:, 0])
+
+
+def test_sdpa_scale_gqa_and_additive_mask_are_honoured():
+    from reference import one_hot_rows, read_rows, relevance_matrix
+
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    bias = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    bias[1, :, :, 4:] = torch.finfo(torch.float32).min
+    target = torch.tensor([0, 2])
+    ours = CheferRelevance(_SdpaOptionsModel().eval()).attribute(
+        ids, target, (bias,), output="token"
+    )
+    reference = _SdpaOptionsModel(explicit=True).double()
+    reference(ids, bias.double()).gather(1, target[:, None]).sum().backward()
+    kept = reference.kept
+    expected = read_rows(relevance_matrix(kept, [a.grad for a in kept]), one_hot_rows([0, 0], 6))
+    assert_close(ours, expected.masked_fill(bias[:, 0, 0] < -1e3, 0.0))
+    assert (ours[1, 4:] == 0).all()
