@@ -54,6 +54,24 @@ def llama(attn_implementation: str = "sdpa"):
     return LlamaForCausalLM(config).eval()
 
 
+def bart(**overrides):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    settings = dict(
+        vocab_size=100,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=40,
+    )
+    return BartForConditionalGeneration(BartConfig(**(settings | overrides))).eval()
+
+
 def vit():
     from transformers import ViTConfig, ViTForImageClassification
 

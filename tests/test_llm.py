@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import models
 import pytest
 import torch
 from reference import assert_close, hf_eager_attentions, read_rows, relevance_matrix
@@ -47,23 +48,13 @@ def llama():
 
 
 def bart():
-    torch.manual_seed(0)
-    config = transformers.BartConfig(
+    return models.bart(
         vocab_size=len(WORDS),
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=40,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
         decoder_start_token_id=2,
     )
-    return transformers.BartForConditionalGeneration(config).eval()
 
 
 def _causal_reference(model, prompt, target, log_prob=False):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,19 +123,7 @@ def test_both_cross_directions_use_the_old_maps():
 
 
 def bart():
-    torch.manual_seed(0)
-    config = transformers.BartConfig(
-        vocab_size=100,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=40,
-    )
-    return transformers.BartForConditionalGeneration(config).eval()
+    return models.bart()
 
 
 def t5():
