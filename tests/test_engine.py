@@ -63,6 +63,30 @@ def test_blockwise_backward_equals_autograd_of_sdpa(mask_kind, block_rows):
     )
 
 
+@pytest.mark.parametrize("block_rows", [1, 4, 6])
+def test_causal_key_prefix_blocks_equal_full_width_blocks(block_rows):
+    call = _random_call(causal=True, n_query=6, n_key=6)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        call.query, call.key, call.value, is_causal=True, enable_gqa=True
+    )
+    d_out = torch.randn_like(out)
+    expected = torch.autograd.grad(out, [call.query, call.key, call.value], d_out)
+    full, narrow = torch.zeros(2, 4, 6, 6), torch.zeros(2, 4, 6, 6)
+
+    def collect(target):
+        def consumer(rows, probs, grad_probs):
+            target[:, :, rows, : probs.shape[-1]] = grad_probs * probs
+            assert probs.shape[-1] == (min(rows.stop, 6) if target is narrow else 6)
+
+        return consumer
+
+    attention_backward(call, d_out, collect(full), block_rows)
+    grads = attention_backward(call, d_out, collect(narrow), block_rows, key_prefix_blocks=True)
+    for actual, wanted in zip(grads, expected):
+        assert_close(actual, wanted, rtol=1e-5)
+    assert_close(narrow, full, rtol=1e-6)
+
+
 def test_fully_masked_rows_give_zero_probabilities_not_nan():
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
     mask[:, :, 2] = False

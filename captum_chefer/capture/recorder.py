@@ -122,6 +122,7 @@ class Recorder:
             feed if consumer is not None else None,
             block_rows_for(call, self.block_bytes),
             need_input_grads=record.index > 0,
+            key_prefix_blocks=getattr(consumer, "accepts_key_prefix_blocks", False),
         )
         if consumer is not None:
             consumer.end_layer(record.index)

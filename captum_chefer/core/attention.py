@@ -102,21 +102,33 @@ def block_rows_for(call: AttentionCall, block_bytes: int | None = None) -> int:
     return int(max(1, min(n_query, rows)))
 
 
-def attention_probs(call: AttentionCall, rows: slice = slice(None)) -> Tensor:
-    """Post-softmax attention ``(B, H, r, Nk)`` in float32 for the query ``rows``.
+def attention_probs(
+    call: AttentionCall, rows: slice = slice(None), width: int | None = None
+) -> Tensor:
+    """Post-softmax attention ``(B, H, r, w)`` in float32 for the query ``rows``.
 
-    Fully masked rows give zeros rather than NaN.
+    ``width`` keeps only the first ``w`` keys (all by default); the softmax is exact when every
+    later key is masked, as for a causal block (see :func:`causal_width`). Fully masked rows give
+    zeros rather than NaN.
     """
+    keys = slice(None, width)
     query = call.query[:, :, rows].float() * call.scale
-    key = _expand_heads(call.key, call.query.shape[1]).float()
+    key = _expand_heads(call.key, call.query.shape[1])[:, :, keys].float()
     scores = torch.matmul(query, key.transpose(-1, -2))
     if call.mask is not None and call.mask.dtype != torch.bool:
-        scores += _mask_rows(call.mask, rows)
+        scores += _mask_rows(call.mask, rows)[..., keys]
     allowed = call.allowed(rows, hard_only=True)
     if allowed is None:
         return torch.softmax(scores, dim=-1)
-    scores.masked_fill_(~allowed, float("-inf"))
+    scores.masked_fill_(~allowed[..., keys], float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+
+
+def causal_width(call: AttentionCall, rows: slice) -> int | None:
+    """Keys a block of a causal call can attend: ``[0, end)`` (top-left aligned); else None."""
+    if not call.is_causal:
+        return None
+    return min(rows.stop, call.key.shape[-2])
 
 
 def attention_backward(
@@ -125,10 +137,14 @@ def attention_backward(
     consumer: BlockConsumer | None,
     block_rows: int,
     need_input_grads: bool = True,
+    key_prefix_blocks: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Back-propagate through one attention call a block of query rows at a time.
 
-    Each block's ``(probs, grad_probs)`` goes to ``consumer`` before it is freed.
+    Each block's ``(probs, grad_probs)`` goes to ``consumer`` before it is freed. With
+    ``key_prefix_blocks`` a causal call's blocks stop at the last key their rows can attend
+    (``(B, H, r, w)``, ``w ≤ Nk``; the keys after ``w`` have zero attention), which halves the
+    work; only consumers that accept such blocks ask for it.
 
     Args:
         call: the recorded inputs.
@@ -136,6 +152,7 @@ def attention_backward(
         consumer: receives ``(rows, A, dA)`` per block, each ``(B, H, r, Nk)`` float32.
         block_rows: query rows per block.
         need_input_grads: when False only the consumer runs; the returned grads are None.
+        key_prefix_blocks: the consumer accepts blocks narrower than ``Nk`` (leading keys).
 
     Returns:
         ``(dQ, dK, dV, dmask)`` in the inputs' dtypes; ``dmask`` only for a float mask that
@@ -150,8 +167,10 @@ def attention_backward(
     d_scores_all = []
     for start in range(0, call.query.shape[-2], block_rows):
         rows = slice(start, start + block_rows)
-        probs = attention_probs(dense, rows)
-        d_probs = torch.matmul(d_out[:, :, rows], value.transpose(-1, -2))
+        width = causal_width(call, rows) if key_prefix_blocks and not mask_grad else None
+        keys = slice(None, width)
+        probs = attention_probs(dense, rows, width)
+        d_probs = torch.matmul(d_out[:, :, rows], value[:, :, keys].transpose(-1, -2))
         if consumer is not None:
             consumer(rows, probs, d_probs)
         if not need_input_grads:
@@ -160,9 +179,9 @@ def attention_backward(
         # dS = A ⊙ (dA − rowsum(dA ⊙ A)), formed in place in the product's memory.
         d_scores = d_probs.mul_(probs)
         d_scores.addcmul_(probs, d_scores.sum(-1, keepdim=True), value=-1.0)
-        d_query[:, :, rows] = torch.matmul(d_scores, key) * call.scale
-        d_key += torch.matmul(d_scores.transpose(-1, -2), dense.query[:, :, rows])
-        d_value += torch.matmul(probs.transpose(-1, -2), d_out[:, :, rows])
+        d_query[:, :, rows] = torch.matmul(d_scores, key[:, :, keys]) * call.scale
+        d_key[:, :, keys] += torch.matmul(d_scores.transpose(-1, -2), dense.query[:, :, rows])
+        d_value[:, :, keys] += torch.matmul(probs.transpose(-1, -2), d_out[:, :, rows])
         if mask_grad:
             d_scores_all.append(d_scores)
     if not need_input_grads:

@@ -23,6 +23,9 @@ class RowRelevance:
             al.'s ViT evaluations with ``start_layer=1``.
     """
 
+    accepts_key_prefix_blocks = True
+    """Blocks of causal layers may stop at their last attendable key (half the work)."""
+
     def __init__(self, start_layer: int = 0) -> None:
         self.start_layer = start_layer
         self._propagation: RowPropagation | None = None

@@ -84,10 +84,14 @@ class RowPropagation:
         self._delta = torch.zeros_like(self.added)
 
     def add_block(self, rows: slice, abar_block: Tensor) -> None:
-        """Fold query ``rows`` of ``Abar_l`` ``(B, r, N)`` into the pending update."""
+        """Fold query ``rows`` of ``Abar_l`` ``(B, r, w)`` into the pending update.
+
+        A block narrower than ``N`` covers the first ``w`` keys; the rest of its rows are 0.
+        """
         assert self._delta is not None, "begin_layer() first"
         weights = (self.start[:, rows] + self.added[:, rows]).unsqueeze(1)
-        self._delta += torch.bmm(weights, abar_block.float()).squeeze(1)
+        width = abar_block.shape[-1]
+        self._delta[:, :width] += torch.bmm(weights, abar_block.float()).squeeze(1)
 
     def end_layer(self) -> None:
         assert self._delta is not None, "begin_layer() first"
