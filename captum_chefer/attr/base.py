@@ -43,7 +43,7 @@ class AttentionAttribution(GradientAttribution):
 
     def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
         super().__init__(forward_func)
-        self.model = model if model is not None else _module_or_none(forward_func)
+        self.model = model if model is not None else module_or_none(forward_func)
 
     def _attribute(
         self,
@@ -93,8 +93,7 @@ class AttentionAttribution(GradientAttribution):
         self, token_index: TokenIndex, output: Output, self_relevance: SelfRelevance
     ) -> None:
         name = type(self).__name__
-        if output not in ("input", "token"):
-            raise ValueError(f"output must be 'input' or 'token', not {output!r}")
+        check_output(output)
         if self_relevance not in self.self_relevance_choices:
             choices = ", ".join(repr(choice) for choice in self.self_relevance_choices)
             raise ValueError(
@@ -115,7 +114,14 @@ class AttentionAttribution(GradientAttribution):
         return False
 
 
-def _module_or_none(forward_func: Callable[..., Any]) -> nn.Module | None:
+def check_output(output: str) -> None:
+    """``output`` must be ``"input"`` or ``"token"``."""
+    if output not in ("input", "token"):
+        raise ValueError(f"output must be 'input' or 'token', not {output!r}")
+
+
+def module_or_none(forward_func: Callable[..., Any]) -> nn.Module | None:
+    """The module to capture: ``forward_func`` itself, or the owner of a bound method."""
     if isinstance(forward_func, nn.Module):
         return forward_func
     owner = getattr(forward_func, "__self__", None)

@@ -47,8 +47,9 @@ from ._captum import (
     _is_tuple,
     log_usage,
 )
+from .base import check_output, module_or_none
 from .streams import CO_ATTENTION, DUAL_ENCODER, ENCODER_DECODER, SINGLE_STREAM, StreamMap
-from .trace import Trace, trace_attention
+from .trace import Trace, key_validity, trace_attention
 
 Output = Literal["input", "token"]
 
@@ -129,29 +130,11 @@ def _stream_validity(
     for step in streams.steps(records):
         for index, _query, key in step:
             if key not in valid:
-                valid[key] = _key_validity(records[index]).to(device)
+                valid[key] = key_validity(records[index]).to(device)
     for name, size in streams.sizes(records).items():
         if name not in valid:
             valid[name] = torch.ones(records[0].shape[0], size, dtype=torch.bool, device=device)
     return valid
-
-
-def _key_validity(record: CallRecord) -> Tensor:
-    batch, _, _, n_key = record.shape
-    allowed = record.allowed()
-    if allowed is None:
-        assert record.call is not None
-        return torch.ones(batch, n_key, dtype=torch.bool, device=record.call.query.device)
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    return allowed.any(1).any(1).expand(batch, n_key)
-
-
-def _module_or_none(forward_func: Callable[..., Any]) -> nn.Module | None:
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    owner = getattr(forward_func, "__self__", None)
-    return owner if isinstance(owner, nn.Module) else None
 
 
 class CheferMultiModal(GradientAttribution):
@@ -202,7 +185,7 @@ class CheferMultiModal(GradientAttribution):
         causal_read: bool | None = None,
     ) -> None:
         super().__init__(forward_func)
-        self.model = model if model is not None else _module_or_none(forward_func)
+        self.model = model if model is not None else module_or_none(forward_func)
         self.streams = streams if streams is not None else self.streams
         self.read_stream = read_stream if read_stream is not None else self.read_stream
         self.input_streams = tuple(input_streams) if input_streams else self.input_streams
@@ -246,7 +229,7 @@ class CheferMultiModal(GradientAttribution):
         """
         is_inputs_tuple = _is_tuple(inputs)
         inputs_tuple = _format_tensor_into_tuples(inputs)
-        _check_output(output)
+        check_output(output)
         if len(inputs_tuple) > len(self.input_streams):
             raise ValueError(
                 f"{type(self).__name__} maps {len(self.input_streams)} inputs "
@@ -416,7 +399,7 @@ class CheferSingleStream(CheferMultiModal):
         """
         is_inputs_tuple = _is_tuple(inputs)
         inputs_tuple = _format_tensor_into_tuples(inputs)
-        _check_output(output)
+        check_output(output)
         with _patch_positions(self.model) as positions:
             result = trace_multimodal(
                 self.forward_func,
@@ -594,7 +577,7 @@ class CheferDualEncoder(GradientAttribution):
             ``(image map (B_img, C, H, W), text relevance (B_img, T))``: row ``i`` explains
             pair ``i``.
         """
-        _check_output(output)
+        check_output(output)
         pixel_values, input_ids = inputs
         pairs = _pair_index(target, pixel_values.shape[0], input_ids.shape[0], input_ids.device)
         texts = input_ids.index_select(0, pairs)
@@ -672,11 +655,6 @@ def _pair_index(target: TargetType, n_images: int, n_texts: int, device: torch.d
             "image, a single int, or None for the diagonal pairs."
         )
     return index
-
-
-def _check_output(output: str) -> None:
-    if output not in ("input", "token"):
-        raise ValueError(f"output must be 'input' or 'token', not {output!r}")
 
 
 def _check_streams(result: MultiModalTrace, needed: Sequence[str], name: str) -> None:

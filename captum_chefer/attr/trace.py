@@ -114,16 +114,27 @@ def _validity(record: CallRecord) -> tuple[Tensor, Tensor | bool]:
 
     Causality stays a tensor when it comes from a mask, so that no device sync is needed.
     """
-    batch, _, n_query, n_key = record.shape
     call = record.call
     if call is not None and call.mask is None:
-        return torch.ones(batch, n_key, dtype=torch.bool, device=call.query.device), call.is_causal
+        return key_validity(record), call.is_causal
     allowed = record.allowed()
     assert allowed is not None
     per_query = allowed.any(1)
-    valid = per_query.any(1).expand(batch, n_key)
-    causal = torch.tensor(n_query == n_key, device=valid.device) & ~per_query.triu(1).any()
-    return valid, causal
+    n_query, n_key = record.shape[2:]
+    causal = torch.tensor(n_query == n_key, device=allowed.device) & ~per_query.triu(1).any()
+    return key_validity(record), causal
+
+
+def key_validity(record: CallRecord) -> Tensor:
+    """Bool ``(B, Nk)``: False at keys no query of ``record`` attends (padding)."""
+    batch, _, _, n_key = record.shape
+    allowed = record.allowed()
+    if allowed is None:
+        assert record.call is not None
+        return torch.ones(batch, n_key, dtype=torch.bool, device=record.call.query.device)
+    while allowed.dim() < 4:  # a causal mask alone is (Nq, Nk)
+        allowed = allowed.unsqueeze(0)
+    return allowed.any(1).any(1).expand(batch, n_key)
 
 
 def _hint(model: nn.Module | None) -> str:
