@@ -7,13 +7,29 @@ tensor math) and ``captum_chefer.metrics`` load without Captum.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .capture import mark_attention
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # type checkers see the classes; at run time __getattr__ imports them
+    from .attr import (
+        AttentionGradCAM,
+        AttentionRollout,
+        CheferCoAttention,
+        CheferDualEncoder,
+        CheferEncoderDecoder,
+        CheferLLMAttribution,
+        CheferMultiModal,
+        CheferRelevance,
+        CheferSingleStream,
+        GradientRollout,
+        RawAttention,
+    )
 
-_ATTRIBUTIONS = (
+__version__ = "0.1.0"
+"""The package version; setup.cfg reads it from here (the only place it is written)."""
+
+__all__ = [
     "AttentionGradCAM",
     "AttentionRollout",
     "CheferCoAttention",
@@ -25,13 +41,19 @@ _ATTRIBUTIONS = (
     "CheferSingleStream",
     "GradientRollout",
     "RawAttention",
-)
-_LAZY = {name: "captum_chefer.attr" for name in _ATTRIBUTIONS}
+    "__version__",
+    "mark_attention",
+]
 
-__all__ = [*_ATTRIBUTIONS, "mark_attention", "__version__"]
+_LAZY = {name: "captum_chefer.attr" for name in __all__ if name[0].isupper()}
+"""Names imported on first access, and the module each comes from."""
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'captum_chefer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
