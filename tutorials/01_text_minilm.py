@@ -37,19 +37,15 @@ from captum.attr import visualization as viz
 QUICK = os.environ.get("CAPTUM_CHEFER_QUICK") == "1"
 OUT = Path(os.environ.get("CAPTUM_CHEFER_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
-HERE = Path(globals().get("__file__", Path.cwd() / "tutorial.py")).resolve().parent
-ROOT = next(p for p in [HERE, *HERE.parents] if (p / "benchmarks" / "synthetic.py").exists())
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.synthetic import (  # noqa: E402  (the benchmark's synthetic task)
+from captum_chefer import AttentionRollout, CheferRelevance  # noqa: E402
+from captum_chefer.datasets import (  # noqa: E402  (the synthetic tasks)
     MeanPoolClassifier,
     accuracy,
-    load_minilm,
     make_sentences,
     train_text_head,
 )
-from captum_chefer import AttentionRollout, CheferRelevance  # noqa: E402
 from captum_chefer.metrics import comprehensiveness, sufficiency, token_f1  # noqa: E402
+from captum_chefer.pretrained import load_minilm  # noqa: E402
 
 torch.manual_seed(0)
 IG_STEPS = 8 if QUICK else 32
@@ -211,7 +207,7 @@ plot_token_maps(relevance, ids, mask, titles, OUT / "similarity.png")
 # ## 2. A classifier with known evidence
 #
 # Synthetic sentences of neutral filler words carry one or two sentiment keywords; the label is
-# their sentiment (the benchmark's text task, `benchmarks/synthetic.py`). MiniLM stays frozen;
+# their sentiment (the text task of `captum_chefer.datasets`). MiniLM stays frozen;
 # a linear head on the mean-pooled embedding is trained on held-out-separated splits.
 
 # %%

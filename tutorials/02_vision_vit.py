@@ -31,18 +31,14 @@ from captum.attr import visualization as viz
 QUICK = os.environ.get("CAPTUM_CHEFER_QUICK") == "1"
 OUT = Path(os.environ.get("CAPTUM_CHEFER_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
-HERE = Path(globals().get("__file__", Path.cwd() / "tutorial.py")).resolve().parent
-ROOT = next(p for p in [HERE, *HERE.parents] if (p / "benchmarks" / "synthetic.py").exists())
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.synthetic import (  # noqa: E402  (the benchmark's synthetic task)
+from captum_chefer import AttentionRollout, CheferRelevance  # noqa: E402
+from captum_chefer.datasets import (  # noqa: E402  (the synthetic tasks)
     COLOURS,
     accuracy,
     make_images,
     small_vit,
     train_vit,
 )
-from captum_chefer import AttentionRollout, CheferRelevance  # noqa: E402
 from captum_chefer.metrics import (  # noqa: E402
     perturbation_auc,
     perturbation_curve,
