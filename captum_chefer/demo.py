@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from . import CheferRelevance, pretrained
-from .viz import plot_text_heatmap, save_text_heatmap
+from .viz import add_colour_bar, plot_text_heatmap, save_text_heatmap
+from .viz.tokens import TokenRow, merge_pieces, row_scales
 
 DEFAULT_PAIRS = [
     ("A man is playing a guitar.", "A man plays the guitar."),
@@ -151,40 +152,66 @@ def report(pairs: Sequence[tuple[Explanation, Explanation]]) -> str:
 
 
 def write_outputs(
-    out_dir: str, pairs: Sequence[tuple[Explanation, Explanation]]
+    out_dir: str,
+    pairs: Sequence[tuple[Explanation, Explanation]],
+    merge_word_pieces: bool = True,
 ) -> tuple[str, str]:
-    """Write ``similarity.html`` (all pairs, both directions) and ``similarity.png``."""
-    _require("matplotlib", "matplotlib", "pip install matplotlib")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Write ``similarity.html`` (all pairs, both directions) and ``similarity.png``.
 
+    Every row is drawn on one shared scale (the largest ``|relevance|`` of all rows), so that a
+    weakly explained pair looks weak; each row's title states its own largest value. [CLS] and
+    [SEP] are shown uncoloured, and word pieces are merged into words unless
+    ``merge_word_pieces`` is False.
+    """
+    _require("matplotlib", "matplotlib", "pip install matplotlib")
     os.makedirs(out_dir, exist_ok=True)
-    rows = [
-        (_row_title(number, label, explanation), explanation.tokens, explanation.relevance)
+    labelled = [
+        (number, label, explanation, _token_row(explanation, merge_word_pieces))
         for number, pair in enumerate(pairs, 1)
         for label, explanation in zip(("A given B", "B given A"), pair, strict=True)
     ]
+    rows = [(_row_title(n, label, e, row), row) for n, label, e, row in labelled]
+    scale = row_scales([row for _, row in rows], "shared")[0]
     html_path = save_text_heatmap(
         os.path.join(out_dir, "similarity.html"),
-        rows,
+        [(title, row.tokens, row.shown()) for title, row in rows],
         page_title="captum_chefer: which words make two sentences similar (all-MiniLM-L6-v2)",
+        scale=scale,
     )
-    figure = Figure(figsize=(10, 0.8 * len(rows)))
-    FigureCanvasAgg(figure)  # draws off-screen; the user's pyplot backend is left alone
-    axes = figure.subplots(len(rows), 1, squeeze=False)
-    for ax, (title, tokens, relevance) in zip(axes[:, 0], rows, strict=True):
-        plot_text_heatmap(tokens, relevance, ax=ax)
-        ax.set_title(title, loc="left", fontsize=10)
-    figure.tight_layout()
     png_path = os.path.join(out_dir, "similarity.png")
-    figure.savefig(png_path, dpi=120)
+    _write_png(png_path, rows, scale)
     return html_path, png_path
 
 
-def _row_title(number: int, label: str, explanation: Explanation) -> str:
+def _token_row(explanation: Explanation, merge_word_pieces: bool) -> TokenRow:
+    row = TokenRow(
+        explanation.tokens, explanation.relevance.to(torch.float64), list(explanation.special)
+    )
+    return merge_pieces(row) if merge_word_pieces else row
+
+
+def _write_png(path: str, rows: Sequence[tuple[str, TokenRow]], scale: float) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 0.75 * len(rows)))
+    FigureCanvasAgg(figure)  # draws off-screen; the user's pyplot backend is left alone
+    axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
+    figure.subplots_adjust(left=0.01, right=0.9, top=0.97, bottom=0.02, hspace=1.1)
+    add_colour_bar(
+        figure, list(axes), scale, "Chefer relevance (one scale for all rows; [CLS]/[SEP] blank)"
+    )
+    for ax, (title, row) in zip(axes, rows, strict=True):
+        plot_text_heatmap(row.tokens, row.shown(), ax=ax, scale=scale)
+        ax.set_title(title, loc="left", fontsize=9)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _row_title(number: int, label: str, explanation: Explanation, row: TokenRow) -> str:
+    largest = float(row.shown().abs().max()) if row.tokens else 0.0
     return (
-        f"Pair {number}, {label} (cosine {explanation.similarity:.3f}): "
-        f"{explanation.sentence!r} vs {explanation.other!r}"
+        f"Pair {number}, {label} (cosine {explanation.similarity:.3f}, max |relevance| "
+        f"{largest:.2g}): {explanation.sentence!r} vs {explanation.other!r}"
     )
 
 
@@ -200,6 +227,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs=2,
         metavar=("A", "B"),
         help="explain your own pair instead of the built-in ones",
+    )
+    parser.add_argument(
+        "--no-merge",
+        action="store_true",
+        help='show word pieces as the tokenizer splits them ("windows ##ill")',
     )
     parser.add_argument(
         "--device",
@@ -228,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("Relevance of each token of one sentence, given the other ([CLS]/[SEP] not listed).\n")
     print(report(explained))
-    html_path, png_path = write_outputs(args.out, explained)
+    html_path, png_path = write_outputs(args.out, explained, not args.no_merge)
     print(f"\nWrote {html_path}\nWrote {png_path}")
     return 0
 

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from captum_chefer import demo
+from captum_chefer.viz import curves as viz_curves
 from captum_chefer.viz import plot_text_heatmap, save_text_heatmap, text_heatmap_html
+from captum_chefer.viz import records as viz_records
 from captum_chefer.viz import text as viz_text
+from captum_chefer.viz import tokens as viz_tokens
 
 TOKEN_SPAN = re.compile(
     r'<span class="cc-token" style="background-color: rgba\((\d+), (\d+), (\d+), ([0-9.]+)\)"'
@@ -191,3 +194,206 @@ def test_padded_batch_explains_each_pair_as_if_alone(minilm):
         (alone,) = demo.explain_similarity(model, tokenizer, [pair[0]], [pair[1]])
         assert alone.tokens == explained.tokens
         torch.testing.assert_close(alone.relevance, explained.relevance, rtol=1e-4, atol=1e-8)
+
+
+# --- Captum's visualisation on our scale, token rows, colour bars, metric curves -------------
+
+CAPTUM_MARK = re.compile(r"background-color: hsl\((\d+), (\d+)%, (\d+)%\)")
+TINY = torch.tensor([[0.0, 1.2e-4, 3.0e-5, 2.5e-4, 8.0e-5, 0.0]])  # Chefer's typical size
+TINY_TOKENS = [["[CLS]", "a", "warm", "windows", "##ill", "[SEP]"]]
+TINY_SPECIAL = torch.tensor([[True, False, False, False, False, True]])
+
+
+def _captum_lightness(page: str) -> list[int]:
+    return [int(lightness) for _, _, lightness in CAPTUM_MARK.findall(page)]
+
+
+def test_captum_html_is_coloured_for_our_scale_and_white_for_raw_scores():
+    from captum.attr import visualization as viz
+
+    ours = viz_records.visualization_records(TINY, TINY_TOKENS, special_mask=TINY_SPECIAL)
+    lightness = _captum_lightness(viz_records.records_html(ours, legend=False))
+    assert len(lightness) == 6
+    assert lightness[0] == lightness[5] == 100  # [CLS] and [SEP] stay white
+    assert max(lightness[1:5]) < 100 and min(lightness) == 50  # full colour at the maximum
+    # Captum's own formatting of the raw scores: every word white, i.e. invisible.
+    raw = viz.format_word_importances(TINY_TOKENS[0], TINY[0])
+    assert _captum_lightness(raw) == [100] * 6
+
+
+def test_captum_records_merge_pieces_and_state_the_shared_scale():
+    relevance = torch.cat([TINY, TINY * 0.25])
+    records = viz_records.visualization_records(
+        relevance,
+        TINY_TOKENS * 2,
+        special_mask=TINY_SPECIAL.repeat(2, 1),
+        merge_word_pieces=True,
+        pred_class=["pos", "neg"],
+        pred_prob=[0.9, 0.6],
+    )
+    assert records[0].raw_input_ids == ["[CLS]", "a", "warm", "windowsill", "[SEP]"]
+    merged = torch.tensor([0.0, 1.2e-4, 3.0e-5, 3.3e-4, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(records[0].word_attributions, merged / 3.3e-4)
+    torch.testing.assert_close(records[1].word_attributions, 0.25 * merged / 3.3e-4)
+    assert records[0].attr_class == records[1].attr_class == "Chefer (1 = 0.00033)"
+    assert records[1].attr_score == pytest.approx(0.25 * float(merged.sum()))
+    assert (records[1].pred_class, records[1].pred_prob) == ("neg", 0.6)
+    per_row = viz_records.visualization_records(relevance, TINY_TOKENS * 2, scale="row")
+    torch.testing.assert_close(per_row[0].word_attributions, per_row[1].word_attributions)
+
+
+def test_captum_records_reject_bad_input():
+    with pytest.raises(ValueError, match="one row per token list"):
+        viz_records.visualization_records(TINY[0], TINY_TOKENS)
+    with pytest.raises(ValueError, match="give one per example"):
+        viz_records.visualization_records(TINY, TINY_TOKENS, pred_class=["a", "b"])
+    with pytest.raises(ValueError, match="every coloured score of a row is 0"):
+        viz_records.visualization_records(TINY * 0, TINY_TOKENS)
+    with pytest.raises(ValueError, match="NaN"):
+        viz_records.visualization_records(TINY * float("nan"), TINY_TOKENS)
+
+
+def test_visualize_text_names_the_extra_without_ipython(monkeypatch):
+    from captum.attr import visualization as viz
+
+    records = viz_records.visualization_records(TINY, TINY_TOKENS)
+    monkeypatch.setattr(viz, "HAS_IPYTHON", False)
+    with pytest.raises(ImportError, match=re.escape("captum_chefer[notebook]")):
+        viz_records.visualize_text(records)
+
+
+def test_visualize_text_shows_our_relevance_in_colour():
+    pytest.importorskip("IPython")
+    records = viz_records.visualization_records(TINY, TINY_TOKENS, special_mask=TINY_SPECIAL)
+    shown = viz_records.visualize_text(records)
+    lightness = _captum_lightness(shown.data)
+    assert min(lightness) == 50 and lightness.count(100) <= 4  # legend swatches + specials
+
+
+def test_merge_pieces_keeps_the_total_and_the_text():
+    g = torch.Generator().manual_seed(0)
+    tokens = ["[CLS]", "un", "##believ", "##able", "windows", "##ill", "##s", "cat", "[SEP]"]
+    special = [True] + [False] * 7 + [True]
+    row = viz_tokens.TokenRow(tokens, torch.rand(9, generator=g, dtype=torch.float64), special)
+    merged = viz_tokens.merge_pieces(row)
+    assert merged.tokens == ["[CLS]", "unbelievable", "windowsills", "cat", "[SEP]"]
+    assert merged.special == [True, False, False, False, True]
+    torch.testing.assert_close(merged.scores.sum(), row.scores.sum())
+    torch.testing.assert_close(merged.scores[1], row.scores[1:4].sum())
+    assert viz_tokens.merge_pieces(
+        viz_tokens.TokenRow(["##a"], row.scores[:1], [False])
+    ).tokens == ["##a"]
+
+
+def test_shared_scale_is_the_largest_coloured_value_of_all_rows():
+    rows = viz_tokens.token_rows(
+        torch.tensor([[9.0, 1.0, -3.0], [9.0, 0.5, 0.0]]),
+        [["[CLS]", "a", "b"], ["[CLS]", "c"]],
+        special_mask=torch.tensor([[True, False, False], [True, False, False]]),
+    )
+    assert viz_tokens.row_scales(rows) == [3.0, 3.0]
+    assert viz_tokens.row_scales(rows, "row") == [3.0, 0.5]
+    assert viz_tokens.normalised(rows)[1].tolist() == [0.0, 0.5 / 3.0]
+    with pytest.raises(ValueError, match="'shared', 'row' or a positive number"):
+        viz_tokens.row_scales(rows, "max")
+
+
+def test_shared_html_page_colours_rows_by_one_scale(tmp_path: Path):
+    rows = [("big", ["a", "b"], torch.tensor([4e-4, 2e-4])), ("small", ["c"], torch.tensor([1e-4]))]
+    page = Path(save_text_heatmap(tmp_path / "p.html", rows)).read_text(encoding="utf-8")
+    alphas = [colour[3] for colour in _span_colours(page)]
+    assert alphas == pytest.approx([viz_text.MAX_ALPHA * v for v in (1.0, 0.5, 0.25)], abs=1e-3)
+    assert page.count("one scale for every sentence") == 2
+    page = Path(save_text_heatmap(tmp_path / "q.html", rows, scale="row")).read_text("utf-8")
+    assert _span_colours(page)[2][3] == pytest.approx(viz_text.MAX_ALPHA)
+
+
+def test_colour_bar_ends_match_the_token_colours(agg):
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    bar = viz_text.add_colour_bar(figure, figure.subplots(), 2e-4)
+    top, bottom = bar.mappable.to_rgba(2e-4), bar.mappable.to_rgba(-2e-4)
+    for rgba, score in ((top, 2e-4), (bottom, -2e-4)):
+        *rgb, alpha = viz_text.token_colours(torch.tensor([score]), scale=2e-4)[0]
+        over_white = [alpha * c / 255 + 1 - alpha for c in rgb]
+        assert rgba[:3] == pytest.approx(over_white, abs=0.01)
+    assert bar.mappable.to_rgba(0.0)[:3] == pytest.approx((1.0, 1.0, 1.0), abs=0.01)
+    with pytest.raises(ValueError, match="positive"):
+        viz_text.add_colour_bar(figure, figure.axes[0], 0.0)
+
+
+def test_image_arguments_upsample_and_state_the_scale(agg):
+    from captum.attr import visualization as viz
+
+    patches = torch.zeros(16)
+    patches[5] = 3e-4  # row 1, column 1 of a 4x4 grid
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    args = viz_records.image_attr_arguments(patches, image, title="Chefer")
+    attr = torch.from_numpy(args["attr"][..., 0])
+    assert attr.shape == (32, 32) and float(attr.max()) == pytest.approx(1.0)
+    peak = divmod(int(attr.argmax()), 32)
+    assert 8 <= peak[0] < 16 and 8 <= peak[1] < 16
+    grid = torch.nn.functional.interpolate(
+        patches.reshape(1, 1, 4, 4).double(), size=(32, 32), mode="bilinear"
+    )
+    torch.testing.assert_close(attr, grid[0, 0] / grid.max())
+    assert args["title"] == f"Chefer (1 = {float(grid.max()):.2g})" and args["show_colorbar"]
+    torch.testing.assert_close(
+        torch.from_numpy(args["original_image"]), image.permute(1, 2, 0).double()
+    )
+    figure, _ = viz.visualize_image_attr(**args, use_pyplot=False)
+    assert len(figure.axes) == 2  # the image and its colour bar
+    with pytest.raises(ValueError, match="square grid"):
+        viz_records.image_attr_arguments(torch.ones(15), image)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        viz_records.image_attr_arguments(patches, image * 3)
+    with pytest.raises(ValueError, match="all zeros"):
+        viz_records.image_attr_arguments(patches * 0, image)
+
+
+def test_metric_curve_plot_draws_the_mean_and_names_the_area(agg):
+    from captum_chefer.metrics import perturbation_auc
+
+    fractions = (0.0, 0.25, 0.5, 0.75)
+    curves = {
+        "Chefer": torch.tensor([[1.0, 0.6, 0.2, 0.0], [1.0, 0.8, 0.4, 0.2]]),
+        "Rollout": torch.tensor([1.0, 0.9, 0.8, 0.6]),
+    }
+    figure = viz_curves.plot_metric_curves(curves, fractions, area=perturbation_auc)
+    ax = figure.axes[0]
+    lines = ax.get_lines()
+    assert [float(y) for y in lines[0].get_ydata()] == pytest.approx([1.0, 0.7, 0.3, 0.1])
+    areas = [float(perturbation_auc(c.double(), fractions).mean()) for c in curves.values()]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == [f"Chefer (area {areas[0]:.1f})", f"Rollout (area {areas[1]:.1f})"]
+    assert len(ax.collections) == 1  # a standard-error band only where there are 2+ examples
+    with pytest.raises(ValueError, match=r"expected \(B, 4\)"):
+        viz_curves.plot_metric_curves({"x": torch.ones(2, 3)}, fractions)
+
+
+@pytest.mark.slow
+def test_demo_png_has_a_colour_bar_and_one_scale(minilm, tmp_path: Path):
+    model, tokenizer = minilm
+    first, second = zip(*demo.DEFAULT_PAIRS, strict=True)
+    pairs = list(
+        zip(
+            demo.explain_similarity(model, tokenizer, first, second),
+            demo.explain_similarity(model, tokenizer, second, first),
+            strict=True,
+        )
+    )
+    html_path, png_path = demo.write_outputs(str(tmp_path), pairs)
+    page = Path(html_path).read_text(encoding="utf-8")
+    assert "windowsill" in page and "##ill" not in page
+    largest = max(float(e.relevance[~torch.tensor(e.special)].max()) for p in pairs for e in p)
+    assert page.count(f"full colour at |value| = {largest:.3g}, one scale") == 6
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png_path)
+    # bbox_inches="tight": no column of the right half is blank beyond the 0.1 inch padding.
+    blank = (pixels[..., :3] > 0.99).all(axis=(0, 2))
+    assert blank[: int(0.97 * len(blank))].sum() < 0.2 * len(blank)
+    assert not blank[-int(0.1 * len(blank)) : -13].all()  # the colour bar reaches the edge
+    demo.write_outputs(str(tmp_path / "raw"), pairs, False)
+    assert "##ill" in (tmp_path / "raw" / "similarity.html").read_text(encoding="utf-8")

@@ -1,8 +1,10 @@
 """Token relevance as coloured text: an HTML fragment, a standalone HTML page, a matplotlib figure.
 
-Each sentence is normalised by its own largest ``|score|``: positive relevance is drawn in red,
-negative in blue, and the colour's opacity is proportional to the normalised magnitude. The HTML
-and the matplotlib pictures use the same colours.
+Positive relevance is drawn in red, negative in blue, and the colour's opacity is proportional
+to ``|score| / scale``. The scale is stated in every picture: by default a page of several
+sentences shares one scale (:func:`save_text_heatmap`), so that a weakly explained sentence
+looks weak; a single sentence uses its own largest ``|score|``. The HTML and the matplotlib
+pictures use the same colours, and :func:`add_colour_bar` labels a figure's scale.
 
 Captum's ``visualize_text`` needs IPython; these helpers write files that open anywhere. Only
 torch is imported here; matplotlib is imported inside :func:`plot_text_heatmap`.
@@ -14,7 +16,7 @@ import html
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,26 +27,32 @@ MAX_ALPHA = 0.85
 """Opacity of the token with the largest ``|score|``; below 1 so that dark text stays legible."""
 
 
-def token_colours(scores: Tensor) -> list[tuple[int, int, int, float]]:
-    """The ``(r, g, b, alpha)`` of each token, ``alpha`` proportional to ``|score| / max|score|``.
+def token_colours(scores: Tensor, scale: float | None = None) -> list[tuple[int, int, int, float]]:
+    """The ``(r, g, b, alpha)`` of each token, ``alpha`` proportional to ``|score| / scale``.
 
     Args:
         scores: relevance ``(T,)``, one value per token, finite.
+        scale: the ``|score|`` drawn at full colour (larger values are capped); None: the
+            largest ``|score|`` of ``scores``.
 
     Example:
         >>> token_colours(torch.tensor([0.0, 0.5, -1.0]))
         [(220, 38, 38, 0.0), (220, 38, 38, 0.425), (37, 99, 235, 0.85)]
+        >>> token_colours(torch.tensor([0.5]), scale=2.0)
+        [(220, 38, 38, 0.212)]
     """
     values = _as_scores(scores)
-    scale = max((abs(v) for v in values), default=0.0)
+    scale = _scale(values, scale)
     colours = []
     for value in values:
-        alpha = round(MAX_ALPHA * abs(value) / scale, 3) if scale > 0 else 0.0
+        alpha = round(MAX_ALPHA * min(abs(value) / scale, 1.0), 3) if scale > 0 else 0.0
         colours.append((*(NEGATIVE_RGB if value < 0 else POSITIVE_RGB), alpha))
     return colours
 
 
-def text_heatmap_html(tokens: Sequence[str], scores: Tensor, title: str | None = None) -> str:
+def text_heatmap_html(
+    tokens: Sequence[str], scores: Tensor, title: str | None = None, scale: float | None = None
+) -> str:
     """One sentence as an HTML fragment: tokens on backgrounds coloured by relevance, a legend.
 
     Tokens and title are HTML-escaped; each token's raw score is its hover tooltip.
@@ -54,6 +62,8 @@ def text_heatmap_html(tokens: Sequence[str], scores: Tensor, title: str | None =
         scores: relevance ``(T,)`` of those tokens (e.g. one row of ``CheferRelevance`` output,
             cut to the real tokens).
         title: a heading shown above the tokens.
+        scale: the ``|score|`` drawn at full colour, stated in the legend; None: the
+            sentence's own largest ``|score|``.
 
     Returns:
         A ``<div>`` that can be placed in any HTML page (see :func:`save_text_heatmap`).
@@ -73,12 +83,12 @@ def text_heatmap_html(tokens: Sequence[str], scores: Tensor, title: str | None =
     if title is not None:
         lines.append(f'<div class="cc-title">{html.escape(title)}</div>')
     lines.append('<div class="cc-tokens">')
-    for token, value, colour in zip(tokens, values, token_colours(scores), strict=True):
+    for token, value, colour in zip(tokens, values, token_colours(scores, scale), strict=True):
         lines.append(
             f'<span class="cc-token" style="background-color: {_css(colour)}" '
             f'title="{value:.4g}">{html.escape(token)}</span>'
         )
-    lines += ["</div>", _legend_html(values), "</div>"]
+    lines += ["</div>", _legend_html(values, scale), "</div>"]
     return "\n".join(lines)
 
 
@@ -86,6 +96,7 @@ def save_text_heatmap(
     path: str | os.PathLike[str],
     rows: Sequence[tuple[str, Sequence[str], Tensor]],
     page_title: str = "Token relevance",
+    scale: Literal["shared", "row"] | float = "shared",
 ) -> str:
     """Write one standalone HTML page with several sentences.
 
@@ -93,12 +104,19 @@ def save_text_heatmap(
         path: the ``.html`` file to write; its folder must exist.
         rows: ``(title, tokens, scores)`` for each sentence, as for :func:`text_heatmap_html`.
         page_title: the page's ``<title>`` and top heading.
+        scale: ``"shared"`` (default): one full-colour value, the largest ``|score|`` of all
+            rows, so that rows compare; ``"row"``: each row its own; or a number.
 
     Returns:
         ``path``, as a string.
     """
+    shared = None
+    if scale == "shared":
+        shared = max((_scale(_as_scores(scores), None) for _, _, scores in rows), default=0.0)
+    elif scale != "row":
+        shared = float(scale)
     fragments = "\n".join(
-        text_heatmap_html(tokens, scores, title) for title, tokens, scores in rows
+        text_heatmap_html(tokens, scores, title, shared) for title, tokens, scores in rows
     )
     heading = html.escape(page_title)
     page = (
@@ -111,13 +129,17 @@ def save_text_heatmap(
     return os.fspath(path)
 
 
-def plot_text_heatmap(tokens: Sequence[str], scores: Tensor, ax: Any = None) -> Any:
+def plot_text_heatmap(
+    tokens: Sequence[str], scores: Tensor, ax: Any = None, scale: float | None = None
+) -> Any:
     """Draw one sentence as coloured tokens on a matplotlib axes, wrapping at its right edge.
 
     Args:
         tokens: the ``T`` tokens.
         scores: relevance ``(T,)``.
         ax: the axes to draw on; a new figure is made when None.
+        scale: the ``|score|`` drawn at full colour; None: the sentence's largest ``|score|``.
+            Label it with :func:`add_colour_bar`.
 
     Returns:
         The matplotlib ``Figure`` (save it with ``fig.savefig("relevance.png")``).
@@ -135,7 +157,7 @@ def plot_text_heatmap(tokens: Sequence[str], scores: Tensor, ax: Any = None) -> 
     width = ax.get_window_extent(renderer).width / figure.dpi
     line_height = 1.9 * _FONT_SIZE / 72
     x, line = 0.0, 0
-    for token, colour in zip(tokens, token_colours(scores), strict=True):
+    for token, colour in zip(tokens, token_colours(scores, scale), strict=True):
         text = ax.text(
             0.0,
             0.75,
@@ -160,6 +182,57 @@ def plot_text_heatmap(tokens: Sequence[str], scores: Tensor, ax: Any = None) -> 
     return figure
 
 
+def add_colour_bar(figure: Any, axes: Any, scale: float, label: str = "relevance") -> Any:
+    """A colour bar from ``-scale`` (blue) through white to ``+scale`` (red), beside ``axes``.
+
+    The colours are those of :func:`token_colours` over white, so the bar is the key of
+    :func:`plot_text_heatmap` drawn with the same ``scale``.
+
+    Args:
+        figure: the matplotlib ``Figure``.
+        axes: the axes (or a list of them) to put the bar beside.
+        scale: the ``|score|`` at full colour.
+        label: the bar's label; the scale is stated by the bar's end ticks.
+
+    Returns:
+        The matplotlib ``Colorbar``.
+
+    Example:
+        >>> from matplotlib.figure import Figure
+        >>> figure = Figure()
+        >>> ax = figure.subplots()
+        >>> bar = add_colour_bar(figure, ax, 2e-4)
+        >>> [round(float(t), 6) for t in bar.get_ticks()]
+        [-0.0002, 0.0, 0.0002]
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
+
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, not {scale}; every score may be 0.")
+    ends = [_over_white(NEGATIVE_RGB), (1.0, 1.0, 1.0), _over_white(POSITIVE_RGB)]
+    cmap = LinearSegmentedColormap.from_list("captum_chefer", ends)
+    mappable = ScalarMappable(Normalize(-scale, scale), cmap)
+    bar = figure.colorbar(mappable, ax=axes, fraction=0.03, pad=0.01)
+    bar.set_ticks([-scale, 0.0, scale])
+    bar.set_ticklabels([f"{-scale:.2g}", "0", f"{scale:.2g}"])
+    bar.set_label(label)
+    return bar
+
+
+def _over_white(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    r, g, b = (MAX_ALPHA * c / 255 + (1 - MAX_ALPHA) for c in rgb)
+    return (r, g, b)
+
+
+def _scale(values: list[float], scale: float | None) -> float:
+    if scale is None:
+        return max((abs(v) for v in values), default=0.0)
+    if not scale > 0:
+        raise ValueError(f"scale must be a positive number, not {scale}.")
+    return float(scale)
+
+
 _FONT_SIZE = 11
 _TOKEN_GAP = 0.1
 """Inches between tokens; the coloured boxes are padded by 0.2 font sizes on each side."""
@@ -175,20 +248,21 @@ _STYLE = (
 )
 
 
-def _legend_html(values: list[float]) -> str:
-    scale = max((abs(v) for v in values), default=0.0)
-    if scale == 0.0:
+def _legend_html(values: list[float], shared: float | None) -> str:
+    scale = _scale(values, shared)
+    if max((abs(v) for v in values), default=0.0) == 0.0:
         return '<div class="cc-legend">every score is 0</div>'
+    whose = "this sentence's largest" if shared is None else "one scale for every sentence"
     positive = _css((*POSITIVE_RGB, MAX_ALPHA))
     negative = _css((*NEGATIVE_RGB, MAX_ALPHA))
     gradient = f"linear-gradient(to right, {negative}, rgba(255, 255, 255, 0), {positive})"
     low = f"{-scale:.3g}"
-    if min(values) >= 0:
+    if min(values) >= 0 and shared is None:
         gradient = f"linear-gradient(to right, rgba(255, 255, 255, 0), {positive})"
         low = "0"
     return (
         f'<div class="cc-legend">{low}<span class="cc-bar" style="background: {gradient}">'
-        f"</span>{scale:.3g} (relevance; opacity scaled by the sentence's largest |value|)</div>"
+        f"</span>{scale:.3g} (relevance; full colour at |value| = {scale:.3g}, {whose})</div>"
     )
 
 
