@@ -23,6 +23,17 @@ import captum_chefer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED_MODULES = ("captum_chefer", "captum_chefer.metrics", "captum_chefer.viz")
+CODE_BLOCK = re.compile(r"^\.\. code-block:: python\n\n((?:(?: {3}.*)?\n)+)", re.MULTILINE)
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """``(page, code)`` for every ``.. code-block:: python`` of the docs pages."""
+    blocks = []
+    for page in sorted((ROOT / "docs").rglob("*.rst")):
+        for match in CODE_BLOCK.finditer(page.read_text(encoding="utf-8")):
+            code = "\n".join(line[3:] for line in match.group(1).splitlines())
+            blocks.append((page.relative_to(ROOT / "docs").as_posix(), code))
+    return blocks
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +53,24 @@ def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
         + result.stderr[-6000:]
     )
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("page", "code"), python_blocks(), ids=[p for p, _ in python_blocks()])
+def test_docs_python_block_runs(page: str, code: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{page}: " + result.stderr[-4000:]
+
+
+def test_docs_have_a_runnable_example() -> None:
+    assert [page for page, _ in python_blocks()] == ["index.rst"]
 
 
 def anchors(html: Path) -> set[str]:
