@@ -1,0 +1,503 @@
+"""Where a job's examples come from: texts, token tensors, images, a DataLoader, files on disk.
+
+Every source yields the same :class:`Batch` and cuts the examples into the same batches on every
+process, so that a batch's results do not depend on which rank computes it. Batch ``b`` holds
+examples ``b * batch_size`` to ``(b + 1) * batch_size`` (a DataLoader's own batches otherwise).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Container, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+TEXT_COLUMNS = ("text", "sentence", "content")
+
+
+@dataclass
+class Batch:
+    """One batch of examples, with what the metrics need to know about them.
+
+    Attributes:
+        inputs: token ids ``(B, T)`` (integer) or images ``(B, C, H, W)`` (float).
+        attention_mask: ``(B, T)``, 1 at real tokens; None for images.
+        special: ``(B, T)`` bool, True at [CLS]/[SEP]-like tokens the metrics never remove.
+        labels: ``(B,)`` class labels, or None.
+        evidence: ground truth, or None: ``(B, T)`` bool evidence tokens for text, ``(B, H, W)``
+            bool object masks for images.
+        start: the index of the batch's first example in the dataset.
+    """
+
+    inputs: Tensor
+    attention_mask: Tensor | None = None
+    special: Tensor | None = None
+    labels: Tensor | None = None
+    evidence: Tensor | None = None
+    start: int = 0
+
+    @property
+    def kind(self) -> str:
+        """``"text"`` for integer token ids, ``"image"`` otherwise."""
+        return "image" if self.inputs.is_floating_point() else "text"
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+class BatchSource(Protocol):
+    """What a job reads: a fixed sequence of batches, the same on every rank."""
+
+    kind: str
+    baseline: int | float
+
+    def num_batches(self) -> int:
+        """How many batches there are."""
+        ...
+
+    def batches(self, wanted: Container[int]) -> Iterator[tuple[int, Batch]]:
+        """The batches whose index is in ``wanted``, in order, as ``(index, batch)``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe facts that identify the data (recorded in the job's index)."""
+        ...
+
+
+class TensorSource:
+    """Examples held as tensors: token ids with their mask, or images.
+
+    Args:
+        inputs: ``(N, T)`` token ids or ``(N, C, H, W)`` images.
+        batch_size: examples per batch.
+        attention_mask: ``(N, T)`` for token ids (default: all ones).
+        special: ``(N, T)`` bool special tokens (default: none).
+        labels: ``(N,)`` or None.
+        evidence: ``(N, T)`` or ``(N, H, W)`` bool ground truth, or None.
+        baseline: the value removed features get: the [MASK] or padding id for tokens, a pixel
+            value for images (default 0: black in ``[0, 1]`` space).
+
+    Example:
+        >>> import torch
+        >>> source = TensorSource(torch.rand(5, 3, 8, 8), batch_size=2)
+        >>> source.num_batches(), [len(b) for _, b in source.batches(range(3))]
+        (3, [2, 2, 1])
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        batch_size: int,
+        *,
+        attention_mask: Tensor | None = None,
+        special: Tensor | None = None,
+        labels: Tensor | None = None,
+        evidence: Tensor | None = None,
+        baseline: int | float = 0,
+    ) -> None:
+        _check_batch_size(batch_size)
+        self.inputs, self.batch_size, self.baseline = inputs, batch_size, baseline
+        self.kind = "image" if inputs.is_floating_point() else "text"
+        if self.kind == "text":
+            attention_mask = torch.ones_like(inputs) if attention_mask is None else attention_mask
+            special = torch.zeros_like(inputs, dtype=torch.bool) if special is None else special
+        self.fields = {
+            "attention_mask": attention_mask,
+            "special": special,
+            "labels": labels,
+            "evidence": evidence,
+        }
+        for name, value in self.fields.items():
+            if value is not None and len(value) != len(inputs):
+                raise ValueError(
+                    f"{name} has {len(value)} rows but inputs has {len(inputs)}; pass one row "
+                    "per example."
+                )
+
+    def num_batches(self) -> int:
+        return -(-len(self.inputs) // self.batch_size)
+
+    def batches(self, wanted: Container[int]) -> Iterator[tuple[int, Batch]]:
+        for index in range(self.num_batches()):
+            if index in wanted:
+                rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+                fields = {k: None if v is None else v[rows] for k, v in self.fields.items()}
+                yield index, Batch(self.inputs[rows], start=rows.start, **fields)
+
+    def describe(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for tensor in (self.inputs, *self.fields.values()):
+            if tensor is not None:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return {
+            "source": "tensors",
+            "kind": self.kind,
+            "examples": len(self.inputs),
+            "batch_size": self.batch_size,
+            "sha256": digest.hexdigest(),
+        }
+
+
+class TextSource:
+    """Texts tokenised a batch at a time (padded to the batch's longest text).
+
+    Args:
+        texts: the sentences.
+        tokenizer: a Hugging Face tokenizer.
+        batch_size: examples per batch.
+        labels: one class label per text, or None.
+        max_length: truncate longer texts to this many tokens (None: the tokenizer's limit).
+    """
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        tokenizer: Any,
+        batch_size: int,
+        *,
+        labels: Sequence[int] | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        _check_batch_size(batch_size)
+        if tokenizer is None:
+            raise ValueError(
+                "Texts need a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)."
+            )
+        if labels is not None and len(labels) != len(texts):
+            raise ValueError(f"{len(labels)} labels for {len(texts)} texts; pass one per text.")
+        bad = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+        if bad:
+            raise ValueError(f"Texts must be non-empty strings; example(s) {bad[:5]} are not.")
+        self.texts, self.tokenizer, self.batch_size = list(texts), tokenizer, batch_size
+        self.labels, self.max_length, self.kind = labels, max_length, "text"
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+        self.baseline = tokenizer.pad_token_id if mask_id is None else mask_id
+
+    def num_batches(self) -> int:
+        return -(-len(self.texts) // self.batch_size)
+
+    def batches(self, wanted: Container[int]) -> Iterator[tuple[int, Batch]]:
+        for index in range(self.num_batches()):
+            if index in wanted:
+                yield index, self._batch(index)
+
+    def _batch(self, index: int) -> Batch:
+        start = index * self.batch_size
+        texts = self.texts[start : start + self.batch_size]
+        encoded = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_special_tokens_mask=True,
+        )
+        labels = (
+            None if self.labels is None else torch.tensor(self.labels[start : start + len(texts)])
+        )
+        return Batch(
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            encoded["special_tokens_mask"].bool(),
+            labels,
+            start=start,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps([self.texts, self.labels]).encode())
+        return {
+            "source": "texts",
+            "kind": "text",
+            "examples": len(self.texts),
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "tokenizer": getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__),
+            "sha256": digest.hexdigest(),
+        }
+
+
+class ImageFileSource:
+    """Image files read a batch at a time, resized to ``size × size``, in ``[0, 1]``.
+
+    Masks (optional) are files of the same name under ``masks``; any non-zero pixel is object.
+
+    Args:
+        files: the image paths.
+        batch_size: examples per batch.
+        size: the side the images are resized to.
+        masks: the folder of masks, or None.
+        labels: one class label per image, or None.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        batch_size: int,
+        size: int,
+        *,
+        masks: Path | None = None,
+        labels: Sequence[int] | None = None,
+    ) -> None:
+        _check_batch_size(batch_size)
+        if not files:
+            raise ValueError(
+                "No image files found: expected files ending in " + ", ".join(IMAGE_SUFFIXES)
+            )
+        self.files, self.batch_size, self.size = list(files), batch_size, size
+        self.masks, self.labels, self.kind, self.baseline = masks, labels, "image", 0.0
+        if masks is not None:
+            missing = [f.name for f in self.files if not (masks / f.name).exists()]
+            if missing:
+                raise ValueError(
+                    f"No mask for {missing[:5]} in {masks}; add one per image or remove the folder."
+                )
+
+    def num_batches(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def batches(self, wanted: Container[int]) -> Iterator[tuple[int, Batch]]:
+        for index in range(self.num_batches()):
+            if index in wanted:
+                start = index * self.batch_size
+                files = self.files[start : start + self.batch_size]
+                images = torch.stack([_read_image(f, self.size, "RGB") for f in files])
+                masks = None
+                if self.masks is not None:
+                    masks = torch.stack(
+                        [_read_image(self.masks / f.name, self.size, "L")[0] > 0 for f in files]
+                    )
+                labels = (
+                    None
+                    if self.labels is None
+                    else torch.tensor(self.labels[start : start + len(files)])
+                )
+                yield index, Batch(images, labels=labels, evidence=masks, start=start)
+
+    def describe(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for file in self.files:
+            digest.update(file.read_bytes())
+        return {
+            "source": "image files",
+            "kind": "image",
+            "examples": len(self.files),
+            "batch_size": self.batch_size,
+            "size": self.size,
+            "masks": self.masks is not None,
+            "sha256": digest.hexdigest(),
+        }
+
+
+class LoaderSource:
+    """A ``DataLoader``'s batches, in its order (it must not shuffle).
+
+    Each batch is a dict with ``input_ids`` and ``attention_mask`` (text; optional
+    ``special_tokens_mask``, ``labels``/``label``, ``evidence``) or ``pixel_values``/``images``
+    (optional ``labels``, ``masks``), or a tuple ``(inputs, labels)``.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, baseline: int | float = 0) -> None:
+        if not isinstance(loader.sampler, torch.utils.data.SequentialSampler):
+            raise ValueError(
+                "The DataLoader shuffles or samples: a resumable, distributed job needs the same "
+                "order on every run and every rank. Build it with shuffle=False."
+            )
+        self.loader, self.baseline = loader, baseline
+        first = next(iter(loader))
+        self.kind = _loader_batch(first, 0).kind
+
+    def num_batches(self) -> int:
+        return len(self.loader)
+
+    def batches(self, wanted: Container[int]) -> Iterator[tuple[int, Batch]]:
+        start = 0
+        for index, raw in enumerate(self.loader):
+            batch = _loader_batch(raw, start)
+            start += len(batch)
+            if index in wanted:
+                yield index, batch
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": "DataLoader",
+            "kind": self.kind,
+            "examples": len(self.loader.dataset),  # type: ignore[arg-type]
+            "batch_size": self.loader.batch_size,
+            "batches": len(self.loader),
+        }
+
+
+def _loader_batch(raw: Any, start: int) -> Batch:
+    if isinstance(raw, (tuple, list)):
+        if not raw or not isinstance(raw[0], Tensor):
+            raise TypeError("A DataLoader tuple batch must start with the input tensor.")
+        return Batch(raw[0], labels=raw[1] if len(raw) > 1 else None, start=start)
+    if not isinstance(raw, dict):
+        raise TypeError(f"DataLoader batches must be dicts or tuples, got {type(raw).__name__}.")
+    labels = raw.get("labels", raw.get("label"))
+    if "input_ids" in raw:
+        ids = raw["input_ids"]
+        mask = raw.get("attention_mask", torch.ones_like(ids))
+        special = raw.get("special_tokens_mask", torch.zeros_like(ids)).bool()
+        return Batch(ids, mask, special, labels, raw.get("evidence"), start)
+    for key in ("pixel_values", "images", "image"):
+        if key in raw:
+            return Batch(raw[key], labels=labels, evidence=raw.get("masks"), start=start)
+    raise KeyError(
+        "A DataLoader batch needs 'input_ids' (text) or 'pixel_values' (images); it has "
+        f"{sorted(raw)}."
+    )
+
+
+def open_source(
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    image_size: int = 224,
+    text_column: str | None = None,
+    label_column: str = "label",
+    max_length: int | None = None,
+) -> BatchSource:
+    """A :class:`BatchSource` for ``data``.
+
+    Args:
+        data: a ``DataLoader``; a source already; a list of texts; or a path: a ``.jsonl``/
+            ``.csv`` file of texts, a Hugging Face ``datasets`` dataset saved with
+            ``save_to_disk``, or a folder of images (masks in its ``masks/`` subfolder).
+        tokenizer: for texts.
+        batch_size: examples per batch (ignored for a DataLoader).
+        image_size: the side image files are resized to.
+        text_column: the column holding the texts (default: the first of ``text``,
+            ``sentence``, ``content``).
+        label_column: the column holding labels, if present.
+        max_length: truncate texts to this many tokens.
+
+    Raises:
+        ValueError, FileNotFoundError: for data it cannot read, naming what it expected.
+
+    Example:
+        >>> import torch
+        >>> open_source(torch.zeros(4, 3, 8, 8), batch_size=4).describe()["examples"]
+        4
+    """
+    if isinstance(data, torch.utils.data.DataLoader):
+        return LoaderSource(data, 0 if tokenizer is None else _baseline_id(tokenizer))
+    if hasattr(data, "batches") and hasattr(data, "num_batches"):
+        return data
+    if isinstance(data, Tensor):
+        return TensorSource(data, batch_size)
+    texts = dict(tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
+        return TextSource(data, **texts)
+    if not isinstance(data, (str, Path)):
+        raise TypeError(
+            f"Cannot read a dataset from {type(data).__name__}: pass a DataLoader, a list of "
+            "texts, a tensor, or a path to a .jsonl/.csv file, a saved HF dataset or an image "
+            "folder."
+        )
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"No dataset at {path}.")
+    if path.suffix in (".jsonl", ".csv"):
+        rows = _read_rows(path)
+        column = _text_column(rows[0] if rows else {}, text_column, path)
+        labels = [int(r[label_column]) for r in rows] if rows and label_column in rows[0] else None
+        return TextSource([r[column] for r in rows], labels=labels, **texts)
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        return _hf_source(path, text_column, label_column, image_size, **texts)
+    if path.is_dir():
+        files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.suffix.lower() in IMAGE_SUFFIXES and "masks" not in f.relative_to(path).parts
+        )
+        masks = path / "masks" if (path / "masks").is_dir() else None
+        return ImageFileSource(files, batch_size, image_size, masks=masks)
+    raise ValueError(
+        f"Cannot read {path}: expected a .jsonl or .csv file of texts, a folder saved by "
+        "datasets' save_to_disk, or a folder of images."
+    )
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON: {error.msg}.") from error
+    return rows
+
+
+def _text_column(row: dict[str, Any], column: str | None, where: Any) -> str:
+    if column is not None:
+        if column not in row:
+            raise ValueError(f"{where} has no column {column!r}; its columns are {sorted(row)}.")
+        return column
+    for name in TEXT_COLUMNS:
+        if name in row:
+            return name
+    raise ValueError(
+        f"{where} has no text column (looked for {TEXT_COLUMNS}); its columns are {sorted(row)}. "
+        "Name it with text_column= (--text-column)."
+    )
+
+
+def _hf_source(path: Path, text_column, label_column, image_size, **texts) -> BatchSource:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            "Reading a saved Hugging Face dataset needs `datasets`: "
+            "pip install 'captum_chefer[jobs]'"
+        ) from error
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(f"{path} holds splits {list(dataset)}; pass the folder of one split.")
+    labels = list(dataset[label_column]) if label_column in dataset.column_names else None
+    if "image" in dataset.column_names:
+        images = torch.stack(
+            [_image_tensor(image, image_size, "RGB") for image in dataset["image"]]
+        )
+        return TensorSource(
+            images, texts["batch_size"], labels=None if labels is None else torch.tensor(labels)
+        )
+    column = _text_column(dict.fromkeys(dataset.column_names), text_column, path)
+    return TextSource(list(dataset[column]), labels=labels, **texts)
+
+
+def _read_image(path: Path, size: int, mode: str) -> Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return _image_tensor(image, size, mode)
+
+
+def _image_tensor(image: Any, size: int, mode: str) -> Tensor:
+    import numpy as np
+
+    resized = image.convert(mode).resize((size, size))
+    array = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()) / 255.0
+    return array.permute(2, 0, 1) if array.dim() == 3 else array[None]
+
+
+def _baseline_id(tokenizer: Any) -> int:
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    return tokenizer.pad_token_id if mask_id is None else mask_id
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
