@@ -35,7 +35,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.DOTALL | re.MULTILINE)
-EXTRA = re.compile(r'"\.\[([\w,-]+)\]"')
+EXTRA = re.compile(r'"(?:\.|captum_chefer)\[([\w,-]+)\]"')
+TABLE_ROW = re.compile(r"^\| `\[([\w-]+)\]` \|", re.MULTILINE)
 NO_DEPS = re.compile(r"--no-deps ([\w.-]+?)(?:==[\w.]+)?(?:\s|$)")
 
 
@@ -157,6 +158,16 @@ def test_every_extra_the_readme_names_exists() -> None:
     assert named, "the README names no extra"
     assert named <= set(extras), (
         f"README names extras missing from setup.cfg: {named - set(extras)}"
+    )
+
+
+def test_install_table_lists_every_extra() -> None:
+    _, extras = setup_requirements()
+    listed = TABLE_ROW.findall(README)
+    assert len(listed) == len(set(listed)), f"an extra is listed twice: {listed}"
+    assert set(listed) == set(extras), (
+        "README's install table and setup.cfg's extras differ: add a row for "
+        f"{sorted(set(extras) - set(listed))}, remove {sorted(set(listed) - set(extras))}"
     )
 
 
