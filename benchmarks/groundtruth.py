@@ -12,9 +12,13 @@ on synthetic tasks whose evidence is known (see ``synthetic.py``).
 - **Text:** frozen pretrained MiniLM + trained linear head; token F1 against the keyword tokens
   (top-k real tokens with k = number of keyword tokens, [CLS]/[SEP]/padding excluded), the
   perturbation AUCs ([MASK] in place of tokens) and ERASER comprehensiveness/sufficiency.
+- Both: RISE deletion/insertion (probability).
 
-Everything is seeded; a rerun gives the same table except the timings. Writes
-``groundtruth.{md,json,png}`` (``groundtruth_quick.*`` with ``--quick``) to ``--out``.
+Each task is one dataset job (:func:`captum_chefer.jobs.run_job`): the methods, the metrics
+and the stored per-example results are those of ``captum-chefer-job``; ``--jobs DIR`` keeps the
+job folders (rerunning then resumes them). Everything is seeded; a rerun gives the same table
+except the timings. Writes ``groundtruth.{md,json,png}`` and the mean curves
+``groundtruth_{vision,text}_curves.png`` (``groundtruth_quick*`` with ``--quick``) to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +42,6 @@ from benchmarks.synthetic import (  # noqa: E402
     COLOURS,
     ImageSet,
     MeanPoolClassifier,
-    SentenceSet,
     accuracy,
     load_minilm,
     make_images,
@@ -56,17 +59,8 @@ from captum_chefer import (  # noqa: E402
 )
 from captum_chefer.attr.trace import trace_attention  # noqa: E402
 from captum_chefer.core import MatrixRelevance  # noqa: E402
-from captum_chefer.metrics import (  # noqa: E402
-    comprehensiveness,
-    perturbation_auc,
-    perturbation_curve,
-    pointing_game,
-    segmentation_scores,
-    sufficiency,
-    token_f1,
-)
+from captum_chefer.jobs import JobResults, JobSettings, Method, TensorSource, run_job  # noqa: E402
 
-Method = Callable[..., Tensor]
 ATTENTION_METHODS = {
     "Chefer (ICCV'21)": CheferRelevance,
     "Raw attention": RawAttention,
@@ -97,63 +91,29 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def timed(method: Method, batch: int, *tensors: Tensor) -> tuple[Tensor, float]:
-    """``method`` applied in batches; the map and the seconds per example (after a warm-up)."""
-    method(*(t[:2] for t in tensors))
-    start = time.perf_counter()
-    n = len(tensors[0])
-    maps = torch.cat(
-        [method(*(t[i : i + batch] for t in tensors)).detach() for i in range(0, n, batch)]
+def methods(settings: Settings, integrated_gradients: str, *extra: str) -> list[Method]:
+    """Our attention methods, Integrated Gradients and ``extra`` Captum methods, named."""
+    ig = {"n_steps": settings.ig_steps, "internal_batch_size": 256}
+    chosen = [Method(cls, name=name) for name, cls in ATTENTION_METHODS.items()]
+    chosen.append(Method("IntegratedGradients", ig, name=integrated_gradients))
+    return chosen + [Method(name) for name in extra]
+
+
+def job(model, source: TensorSource, chosen: list[Method], folder: Path, settings: Settings,
+        **defaults) -> tuple[dict, JobResults]:  # fmt: skip
+    """Run (or resume) one dataset job; its merged scores and its stored results."""
+    job_settings = JobSettings(
+        batches_per_shard=2, seed=settings.seed, threads=None, method_defaults=defaults
     )
-    return maps, (time.perf_counter() - start) / n
+    summary = run_job(model, source, chosen, folder, settings=job_settings, model_name=folder.name)
+    assert summary.report is not None, "the job did not finish"
+    return summary.report, JobResults(folder)
 
 
 # --------------------------------------------------------------------------------- vision
 
 
-def vision_methods(model: torch.nn.Module, settings: Settings) -> dict[str, Method]:
-    """Each method maps ``(images, target)`` to a ``(B, 1, H, W)`` map."""
-    from captum.attr import InputXGradient, IntegratedGradients, Saliency
-
-    def attention(cls) -> Method:
-        return lambda x, t: cls(model).attribute(x, target=t)[:, :1]
-
-    def pixels(attribution, **options) -> Method:
-        return lambda x, t: attribution.attribute(x, target=t, **options).sum(1, keepdim=True)
-
-    methods = {name: attention(cls) for name, cls in ATTENTION_METHODS.items()}
-    ig_options = {"n_steps": settings.ig_steps, "internal_batch_size": 256}
-    methods["Integrated Gradients"] = pixels(IntegratedGradients(model), **ig_options)
-    methods["Saliency"] = pixels(Saliency(model))
-    methods["InputXGradient"] = pixels(InputXGradient(model))
-    return methods
-
-
-def vision_scores(model, data: ImageSet, maps: Tensor, predicted: Tensor) -> dict[str, float]:
-    seg = segmentation_scores(maps[:, 0], data.masks)
-    curves = {
-        first: perturbation_curve(
-            model,
-            data.images,
-            maps,
-            target=predicted,
-            most_relevant_first=first,
-            score="correct",
-            max_examples_per_batch=1024,
-        )
-        for first in (True, False)
-    }
-    return {
-        "pointing": pointing_game(maps[:, 0], data.masks).mean.item(),
-        "pixel_accuracy": seg.mean_pixel_accuracy.item(),
-        "miou": seg.mean_iou.item(),
-        "ap": seg.mean_average_precision.item(),
-        "positive_auc": perturbation_auc(curves[True], reduction="mean").item(),
-        "negative_auc": perturbation_auc(curves[False], reduction="mean").item(),
-    }
-
-
-def run_vision(settings: Settings) -> tuple[dict, dict]:
+def run_vision(settings: Settings, jobs: Path) -> tuple[dict, dict]:
     log("[vision] data and training")
     train, test = make_images(settings.train_images, 1), make_images(settings.test_images, 2)
     model = train_vit(small_vit(seed=settings.seed), train, settings.train_steps, settings.seed)
@@ -161,25 +121,25 @@ def run_vision(settings: Settings) -> tuple[dict, dict]:
     log(f"[vision] held-out accuracy {held_out:.3f} on {len(test.labels)} images")
     with torch.no_grad():
         predicted = model(test.images).argmax(1)
-    results, maps, per_class = {}, {}, {}
-    for name, method in vision_methods(model, settings).items():
-        maps[name], seconds = timed(method, settings.batch, test.images, predicted)
-        results[name] = vision_scores(model, test, maps[name], predicted)
-        results[name]["ms_per_example"] = 1000 * seconds
-        per_class[name] = pointing_per_class(maps[name], test)
-        log(f"[vision] {name:22s} " + _short(results[name]))
+    source = TensorSource(test.images, settings.batch, labels=test.labels, evidence=test.masks)
+    chosen = methods(settings, "Integrated Gradients", "Saliency", "InputXGradient")
+    results, stored = job(model, source, chosen, jobs / "vision", settings)
+    for name, scores in results.items():
+        log(f"[vision] {name:22s} " + _short(scores))
+    pointing = stored.table("score")
     info = {
         "held_out_accuracy": held_out,
         "test_images": len(test.labels),
-        "pointing_per_class": per_class,
+        "pointing_per_class": {
+            name: pointing_per_class(pointing[name]["pointing"], test) for name in results
+        },
         "cls_row_mass_per_layer": cls_row_mass(model, test.images[:64], predicted[:64]),
     }
-    return {"info": info, "methods": results}, {"data": test, "maps": maps}
+    return {"info": info, "methods": results}, {"data": test, "results": stored}
 
 
-def pointing_per_class(maps: Tensor, data: ImageSet) -> dict[str, float]:
+def pointing_per_class(hits: Tensor, data: ImageSet) -> dict[str, float]:
     """The pointing game's hit rate per true class (object colour)."""
-    hits = pointing_game(maps[:, 0], data.masks).per_example
     return {
         colour: hits[data.labels == index].mean().item()
         for index, colour in enumerate(COLOURS)
@@ -197,67 +157,7 @@ def cls_row_mass(model: torch.nn.Module, images: Tensor, target: Tensor) -> list
 # ----------------------------------------------------------------------------------- text
 
 
-def text_methods(classifier: MeanPoolClassifier, settings: Settings, pad_id: int):
-    """Each method maps ``(ids, mask, special, target)`` to a ``(B, T)`` token relevance."""
-    from captum.attr import LayerIntegratedGradients
-
-    def attention(cls) -> Method:
-        keep = {} if cls is CheferRelevance else {"self_relevance": "keep"}
-        return lambda ids, mask, special, t: cls(classifier).attribute(
-            ids, t, (mask,), token_index="mean", output="token", **keep
-        )
-
-    lig = LayerIntegratedGradients(classifier, classifier.encoder.embeddings)
-
-    def integrated_gradients(ids, mask, special, t):
-        reference = torch.where(special | (mask == 0), ids, torch.full_like(ids, pad_id))
-        attributions = lig.attribute(
-            ids,
-            reference,
-            target=t,
-            additional_forward_args=(mask,),
-            n_steps=settings.ig_steps,
-            internal_batch_size=256,
-        )
-        return attributions.sum(-1)
-
-    methods = {name: attention(cls) for name, cls in ATTENTION_METHODS.items()}
-    methods["Layer Integrated Gradients"] = integrated_gradients
-    return methods
-
-
-def text_scores(classifier, data: SentenceSet, relevance: Tensor, predicted, mask_id: int):
-    candidates = data.mask.bool() & ~data.special
-    options = {
-        "target": predicted,
-        "additional_forward_args": (data.mask,),
-        "baselines": mask_id,
-        "attention_mask": candidates.long(),
-        "max_examples_per_batch": 256,
-    }
-    curves = {
-        first: perturbation_curve(
-            classifier,
-            data.ids,
-            relevance,
-            most_relevant_first=first,
-            score="correct",
-            **options,
-        )
-        for first in (True, False)
-    }
-    return {
-        "token_f1": token_f1(relevance, data.evidence, candidates).mean.item(),
-        "positive_auc": perturbation_auc(curves[True], reduction="mean").item(),
-        "negative_auc": perturbation_auc(curves[False], reduction="mean").item(),
-        "comprehensiveness": comprehensiveness(
-            classifier, data.ids, relevance, **options
-        ).mean.item(),
-        "sufficiency": sufficiency(classifier, data.ids, relevance, **options).mean.item(),
-    }
-
-
-def run_text(settings: Settings) -> tuple[dict, dict]:
+def run_text(settings: Settings, jobs: Path) -> tuple[dict, dict]:
     log("[text] MiniLM, data and head training")
     encoder, tokenizer = load_minilm()
     train = make_sentences(settings.train_sentences, 1, tokenizer)
@@ -265,22 +165,21 @@ def run_text(settings: Settings) -> tuple[dict, dict]:
     classifier = train_text_head(MeanPoolClassifier(encoder), train, seed=settings.seed)
     held_out = accuracy(classifier, test.ids, test.mask, labels=test.labels)
     log(f"[text] held-out accuracy {held_out:.3f} on {len(test.labels)} sentences")
-    with torch.no_grad():
-        predicted = classifier(test.ids, test.mask).argmax(1)
-    results, maps = {}, {}
-    methods = text_methods(classifier, settings, tokenizer.pad_token_id)
-    for name, method in methods.items():
-        maps[name], seconds = timed(
-            method, settings.batch, test.ids, test.mask, test.special, predicted
-        )
-        results[name] = text_scores(
-            classifier, test, maps[name], predicted, tokenizer.mask_token_id
-        )
-        results[name]["ms_per_example"] = 1000 * seconds
-        log(f"[text] {name:26s} " + _short(results[name]))
+    source = TensorSource(
+        test.ids,
+        settings.batch,
+        attention_mask=test.mask,
+        special=test.special,
+        labels=test.labels,
+        evidence=test.evidence,
+        baseline=tokenizer.mask_token_id,
+    )
+    chosen = methods(settings, "Layer Integrated Gradients")
+    results, _ = job(classifier, source, chosen, jobs / "text", settings, token_index="mean")
+    for name, scores in results.items():
+        log(f"[text] {name:26s} " + _short(scores))
     info = {"held_out_accuracy": held_out, "test_sentences": len(test.labels)}
-    tokens = [tokenizer.convert_ids_to_tokens(row) for row in test.ids.tolist()]
-    return {"info": info, "methods": results}, {"data": test, "maps": maps, "tokens": tokens}
+    return {"info": info, "methods": results}, {}
 
 
 def _short(scores: dict[str, float]) -> str:
@@ -296,12 +195,16 @@ VISION_COLUMNS = [
     ("ap", "AP ↑", 100),
     ("positive_auc", "pos. AUC ↓", 1),
     ("negative_auc", "neg. AUC ↑", 1),
+    ("deletion_auc", "deletion ↓", 100),
+    ("insertion_auc", "insertion ↑", 100),
     ("ms_per_example", "ms / example", 1),
 ]
 TEXT_COLUMNS = [
     ("token_f1", "token F1 ↑", 100),
     ("positive_auc", "pos. AUC ↓", 1),
     ("negative_auc", "neg. AUC ↑", 1),
+    ("deletion_auc", "deletion ↓", 100),
+    ("insertion_auc", "insertion ↑", 100),
     ("comprehensiveness", "compr. ↑", 100),
     ("sufficiency", "suff. ↓", 100),
     ("ms_per_example", "ms / example", 1),
@@ -341,9 +244,12 @@ Held-out accuracy **{100 * vision["info"]["held_out_accuracy"]:.1f} %** on \
 {vision["info"]["test_images"]} images. Maps explain the predicted class. Pointing game and \
 segmentation against the object mask (%, segmentation as in Chefer et al. CVPR 2021); \
 perturbation AUC: top-1 accuracy while 0-90 % of the pixels are set to 0, most relevant first \
-(pos.) or least relevant first (neg.). Gradient methods are summed over colour channels.
+(pos.) or least relevant first (neg.); deletion/insertion (RISE): area under the probability \
+as pixels are removed / inserted, x 100. Gradient methods are summed over colour channels.
 
 {markdown_table(vision["methods"], VISION_COLUMNS)}
+
+![vision curves]({path.stem}_vision_curves.png)
 
 Pointing game per class (%):
 
@@ -363,6 +269,11 @@ Perturbation AUC and ERASER comprehensiveness/sufficiency (%) replace tokens by 
 never touch [CLS]/[SEP]/padding.
 
 {markdown_table(text["methods"], TEXT_COLUMNS)}
+
+![text curves]({path.stem}_text_curves.png)
+
+Each task ran as one dataset job (`captum_chefer.jobs.run_job`, per-example results in \
+safetensors shards); both are seeded, so the scores are reproducible.
 """
     path.write_text(body)
 
@@ -373,7 +284,8 @@ def write_figure(results: dict, vision: dict, text: dict, path: Path, examples: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(vision["maps"])
+    stored: JobResults = vision["results"]
+    names = stored.methods
     examples = min(examples, len(vision["data"].labels))
     figure = plt.figure(figsize=(2 * (len(names) + 1), 2 * examples + 3.2), layout="constrained")
     top, bottom = figure.subfigures(2, 1, height_ratios=[2 * examples, 3.2])
@@ -382,7 +294,8 @@ def write_figure(results: dict, vision: dict, text: dict, path: Path, examples: 
         image, mask = vision["data"].images[row], vision["data"].masks[row]
         axes[row, 0].imshow(image.permute(1, 2, 0).numpy())
         for column, name in enumerate(names, start=1):
-            axes[row, column].imshow(vision["maps"][name][row, 0].numpy(), cmap="magma")
+            heat = stored[row].attributions[name][0]
+            axes[row, column].imshow(heat.numpy(), cmap="magma")
         for axis in axes[row]:
             axis.contour(mask.float().numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
             axis.set_xticks([])
@@ -409,13 +322,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--jobs", type=Path, default=None, help="keep the two dataset jobs here (rerun resumes)"
+    )
     args = parser.parse_args(argv)
+    if args.jobs is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            return run_all(args, Path(scratch))
+    return run_all(args, args.jobs)
+
+
+def run_all(args: argparse.Namespace, jobs: Path) -> dict:
+    """Both tasks as dataset jobs under ``jobs``; the table, JSON and figures into ``--out``."""
     settings = QUICK if args.quick else Settings()
     warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
-    vision_results, vision = run_vision(settings)
-    text_results, text = run_text(settings)
+    vision_results, vision = run_vision(settings, jobs)
+    text_results, text = run_text(settings, jobs)
     results = {
         "quick": args.quick,
         "settings": asdict(settings),
@@ -430,6 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     write_markdown(results, stem.with_suffix(".md"))
     write_figure(results, vision, text, stem.with_suffix(".png"))
+    for task in ("vision", "text"):
+        curves = (jobs / task / "report.png").read_bytes()
+        stem.with_name(f"{stem.name}_{task}_curves.png").write_bytes(curves)
     log(f"wrote {stem}.md, .json and .png in {results['runtime_s']:.0f} s")
     return results
 

@@ -281,7 +281,7 @@ def _tty() -> bool:
 def _compute_shard(model, source, explainers, settings, batches, progress):
     tensors: dict[str, list[Tensor]] = {}
     seconds = dict.fromkeys(explainers, 0.0)
-    first = last = None
+    began, first, last = time.time(), None, None
     for index, batch in source.batches(batches):
         target = _target(model, batch, settings)
         _add(tensors, "examples", torch.arange(batch.start, batch.start + len(batch)))
@@ -299,7 +299,8 @@ def _compute_shard(model, source, explainers, settings, batches, progress):
     merged = {
         k: v[0] if k.startswith(("attr/", "input/")) else torch.cat(v) for k, v in tensors.items()
     }
-    return merged, {"examples": [first, last], "seconds": seconds}
+    record = {"examples": [first, last], "seconds": seconds, "started": began}
+    return merged, record | {"finished": time.time()}
 
 
 def _add(tensors: dict[str, list[Tensor]], key: str, value: Tensor) -> None:

@@ -4,7 +4,8 @@ Layout of a job folder::
 
     index.json                 the job: methods, options, model, data, package version
     shard-00000.safetensors    tensors of one shard (never pickle)
-    shard-00000.json           its record: examples, rank, seconds, sha256 of the shard file
+    shard-00000.json           its record: examples, rank, seconds of attribution per method,
+                               start and end times, sha256 of the shard file
 
 A shard counts as done only when its record exists and the shard file's SHA-256 matches it.
 Files are written to a temporary name, flushed with ``fsync`` and renamed, so an interrupted
