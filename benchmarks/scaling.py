@@ -95,6 +95,9 @@ def summarize(runs: list[dict]) -> dict:
             "rates": rates,
         }
     out["ratio"] = out[2]["median_examples_per_s"] / out[1]["median_examples_per_s"]
+    pairs = [two / one for one, two in zip(out[1]["rates"], out[2]["rates"])]
+    out["paired_ratios"] = pairs
+    out["median_paired_ratio"] = statistics.median(pairs)
     return out
 
 
@@ -116,8 +119,11 @@ gloo, 1 thread per rank; {settings["repeats"]} runs each, alternating.
 |---:|---:|---:|---:|---|
 {chr(10).join(rows)}
 
-**2 ranks / 1 rank throughput: {summary["ratio"]:.2f}x.** Results of every run equal the first
-1-rank run bit for bit: **{"yes" if equal else "NO"}**.
+**2 ranks / 1 rank throughput: {summary["ratio"]:.2f}x** (ratio of the medians); run by run
+(each 2-rank run over the 1-rank run just before it):
+{", ".join(f"{r:.2f}x" for r in summary["paired_ratios"])}, median
+{summary["median_paired_ratio"]:.2f}x. Results of every run equal the first 1-rank run bit for
+bit: **{"yes" if equal else "NO"}**.
 
 The machine was shared with other jobs while this ran (load average at the start
 {settings["load_start"]:.1f}, at the end {settings["load_end"]:.1f} on {os.cpu_count()} cores), so

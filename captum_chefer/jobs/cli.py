@@ -18,6 +18,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+import torch
+
+from .distributed import local_device
 from .methods import Method
 from .models import READY, build_model
 from .runner import JobSettings, run_job
@@ -63,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     cli.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    cli.add_argument(
+        "--device",
+        default="auto",
+        help="'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu', or a device",
+    )
     return cli
 
 
@@ -73,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         methods = [parse_method(text) for text in args.methods]
         built = build_model(args.model)
+        built.model.to(local_device() if args.device == "auto" else torch.device(args.device))
         from .data import open_source
 
         source = open_source(

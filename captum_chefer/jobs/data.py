@@ -51,6 +51,21 @@ class Batch:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch with every tensor on ``device``."""
+
+        def move(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return Batch(
+            self.inputs.to(device),
+            move(self.attention_mask),
+            move(self.special),
+            move(self.labels),
+            move(self.evidence),
+            self.start,
+        )
+
 
 class BatchSource(Protocol):
     """What a job reads: a fixed sequence of batches, the same on every rank."""

@@ -282,10 +282,12 @@ def _compute_shard(model, source, explainers, settings, batches, progress):
     tensors: dict[str, list[Tensor]] = {}
     seconds = dict.fromkeys(explainers, 0.0)
     began, first, last = time.time(), None, None
+    device = _device(model)
     for index, batch in source.batches(batches):
+        batch = batch.to(device)
         target = _target(model, batch, settings)
         _add(tensors, "examples", torch.arange(batch.start, batch.start + len(batch)))
-        _add(tensors, "target", target)
+        _add(tensors, "target", target.cpu())
         for position, (label, explain) in enumerate(explainers.items()):
             torch.manual_seed(_seed(settings.seed, index, position))
             started = time.perf_counter()
@@ -340,22 +342,23 @@ def _check_relevance(label: str, relevance: Tensor, batch: Batch) -> None:
 
 
 def _store_batch(tensors, model, source, batch, label, relevance, target, settings) -> None:
+    cpu = relevance.cpu()
     for row in range(len(batch)):
         example = batch.start + row
         if batch.kind == "text":
-            real = batch.attention_mask[row].bool()
-            _add(tensors, f"attr/{label}/{example}", relevance[row][real])
+            real = batch.attention_mask[row].bool().cpu()
+            _add(tensors, f"attr/{label}/{example}", cpu[row][real])
             if f"input/{example}" not in tensors:
-                _add(tensors, f"input/{example}", batch.inputs[row][real])
+                _add(tensors, f"input/{example}", batch.inputs[row].cpu()[real])
         else:
-            _add(tensors, f"attr/{label}/{example}", relevance[row])
+            _add(tensors, f"attr/{label}/{example}", cpu[row])
     scores, curves = batch_scores(
         LogitsOf(model), batch, relevance, target, source.baseline, settings.max_examples_per_batch
     )
     for name, values in scores.items():
-        _add(tensors, f"score/{label}/{name}", values)
+        _add(tensors, f"score/{label}/{name}", values.cpu())
     for name, values in curves.items():
-        _add(tensors, f"curve/{label}/{name}", values)
+        _add(tensors, f"curve/{label}/{name}", values.cpu())
 
 
 def _finish(folder: Path, index: dict) -> dict[str, dict[str, float]] | None:
