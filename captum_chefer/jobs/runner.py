@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .data import Batch, BatchSource, open_source
 from .distributed import Ranks, join
-from .methods import LogitsOf, Method, as_method, bind, check_labels
+from .methods import Explainer, LogitsOf, Method, as_method, bind, check_labels
 from .scores import batch_scores
 from .store import INDEX, JobResults, remove_partials, save_shard, verified_record, write_json
 
@@ -154,43 +154,64 @@ def run_job(
     try:
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
-        return _run(
-            model, source, chosen, folder, settings, ranks, model_name, show_progress, on_shard_done
-        )
+        job = _Job(model, source, chosen, folder, settings, ranks)
+        return _run(job, model_name, show_progress, on_shard_done)
     finally:
         torch.set_num_threads(threads)
         ranks.close()
 
 
-def _run(model, source, methods, folder, settings, ranks, model_name, show_progress, on_shard_done):
-    shards = -(-source.num_batches() // settings.batches_per_shard)
-    index = _index(model, source, methods, settings, shards, model_name)
-    _claim(folder, index, ranks)
-    pad_id = getattr(source, "tokenizer", None)
-    pad_id = 0 if pad_id is None else (pad_id.pad_token_id or 0)
-    explainers = {
-        m.label: bind(m, model, source.kind, settings.method_defaults, pad_id) for m in methods
-    }
-    mine = [shard for shard in range(shards) if ranks.owns(shard)]
-    skipped = [shard for shard in mine if verified_record(folder, shard) is not None]
+@dataclass
+class _Job:
+    """What every step of one run needs."""
+
+    model: nn.Module
+    source: BatchSource
+    methods: list[Method]
+    folder: Path
+    settings: JobSettings
+    ranks: Ranks
+
+    @property
+    def shards(self) -> int:
+        return -(-self.source.num_batches() // self.settings.batches_per_shard)
+
+    def batches(self, shard: int) -> set[int]:
+        per_shard = self.settings.batches_per_shard
+        return set(range(shard * per_shard, (shard + 1) * per_shard))
+
+    def explainers(self) -> dict[str, Explainer]:
+        tokenizer = getattr(self.source, "tokenizer", None)
+        pad_id = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
+        defaults = self.settings.method_defaults
+        return {
+            m.label: bind(m, self.model, self.source.kind, defaults, pad_id) for m in self.methods
+        }
+
+
+def _run(
+    job: _Job,
+    model_name: str | None,
+    show_progress: bool | None,
+    on_shard_done: Callable[[int], None] | None,
+) -> JobSummary:
+    index = _index(job, model_name)
+    _claim(job.folder, index, job.ranks)
+    explainers = job.explainers()
+    mine = [shard for shard in range(job.shards) if job.ranks.owns(shard)]
+    skipped = [shard for shard in mine if verified_record(job.folder, shard) is not None]
     todo = [shard for shard in mine if shard not in skipped]
-    progress = _progress(source, settings, todo, ranks, show_progress)
+    progress = _progress(job, todo, show_progress)
     for shard in todo:
-        batches = range(
-            shard * settings.batches_per_shard, (shard + 1) * settings.batches_per_shard
-        )
-        tensors, record = _compute_shard(
-            model, source, explainers, settings, set(batches), progress
-        )
-        record["rank"] = ranks.rank
-        save_shard(folder, shard, tensors, record)
+        tensors, record = _compute_shard(job, explainers, job.batches(shard), progress)
+        save_shard(job.folder, shard, tensors, {**record, "rank": job.ranks.rank})
         if on_shard_done is not None:
             on_shard_done(shard)
     progress.close()
-    ranks.barrier()
-    report = _finish(folder, index) if ranks.rank == 0 else None
-    ranks.barrier()
-    return JobSummary(folder, ranks.rank, ranks.world, todo, skipped, report)
+    job.ranks.barrier()
+    report = _finish(job.folder, index) if job.ranks.rank == 0 else None
+    job.ranks.barrier()
+    return JobSummary(job.folder, job.ranks.rank, job.ranks.world, todo, skipped, report)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -198,24 +219,25 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if parameter is None else parameter.device
 
 
-def _index(model, source: BatchSource, methods, settings: JobSettings, shards, model_name) -> dict:
+def _index(job: _Job, model_name: str | None) -> dict[str, Any]:
     from .. import __version__
 
-    job = {
-        "methods": [m.describe() for m in methods],
+    model, settings = job.model, job.settings
+    identity = {
+        "methods": [m.describe() for m in job.methods],
         "model": {
             "name": model_name or f"{type(model).__module__}.{type(model).__qualname__}",
             "parameters": sum(p.numel() for p in model.parameters()),
             "sha256": model_sha256(model),
         },
-        "data": source.describe(),
+        "data": job.source.describe(),
         "settings": {k: v for k, v in asdict(settings).items() if k != "threads"},
-        "shards": shards,
+        "shards": job.shards,
     }
-    job = json.loads(json.dumps(job, default=repr, sort_keys=True))
-    fingerprint = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+    identity = json.loads(json.dumps(identity, default=repr, sort_keys=True))
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return {
-        **job,
+        **identity,
         "format": "captum_chefer.jobs/1",
         "package": {"name": "captum_chefer", "version": __version__, "torch": torch.__version__},
         "fingerprint": fingerprint,
@@ -256,12 +278,13 @@ def _read_index(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _progress(source, settings, todo, ranks, show_progress):
+def _progress(job: _Job, todo: list[int], show_progress: bool | None) -> Any:
     from tqdm.auto import tqdm
 
-    examples = source.describe()["examples"]
-    nominal = getattr(source, "batch_size", None) or 1
-    total = min(examples, len(todo) * settings.batches_per_shard * nominal)
+    ranks = job.ranks
+    examples = job.source.describe()["examples"]
+    nominal = getattr(job.source, "batch_size", None) or 1
+    total = min(examples, len(todo) * job.settings.batches_per_shard * nominal)
     return tqdm(
         total=total,
         unit="example",
@@ -278,23 +301,26 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
-def _compute_shard(model, source, explainers, settings, batches, progress):
+def _compute_shard(
+    job: _Job, explainers: dict[str, Explainer], batches: set[int], progress: Any
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One shard's tensors and its record (examples, seconds per method, start and end)."""
     tensors: dict[str, list[Tensor]] = {}
     seconds = dict.fromkeys(explainers, 0.0)
     began, first, last = time.time(), None, None
-    device = _device(model)
-    for index, batch in source.batches(batches):
+    device = _device(job.model)
+    for index, batch in job.source.batches(batches):
         batch = batch.to(device)
-        target = _target(model, batch, settings)
+        target = _target(job.model, batch, job.settings)
         _add(tensors, "examples", torch.arange(batch.start, batch.start + len(batch)))
         _add(tensors, "target", target.cpu())
         for position, (label, explain) in enumerate(explainers.items()):
-            torch.manual_seed(_seed(settings.seed, index, position))
+            torch.manual_seed(_seed(job.settings.seed, index, position))
             started = time.perf_counter()
             relevance = explain(batch, target).detach().float()
             seconds[label] += time.perf_counter() - started
             _check_relevance(label, relevance, batch)
-            _store_batch(tensors, model, source, batch, label, relevance, target, settings)
+            _store_batch(job, tensors, batch, label, relevance, target)
         first = batch.start if first is None else first
         last = batch.start + len(batch)
         progress.update(len(batch))
@@ -341,19 +367,28 @@ def _check_relevance(label: str, relevance: Tensor, batch: Batch) -> None:
         raise ValueError(f"{label} returned NaN or inf relevance on examples from {batch.start}.")
 
 
-def _store_batch(tensors, model, source, batch, label, relevance, target, settings) -> None:
+def _store_batch(
+    job: _Job,
+    tensors: dict[str, list[Tensor]],
+    batch: Batch,
+    label: str,
+    relevance: Tensor,
+    target: Tensor,
+) -> None:
+    """Add one method's per-example relevance, scores and curves on ``batch`` to ``tensors``."""
     cpu = relevance.cpu()
     for row in range(len(batch)):
         example = batch.start + row
-        if batch.kind == "text":
+        if batch.attention_mask is not None:  # text
             real = batch.attention_mask[row].bool().cpu()
             _add(tensors, f"attr/{label}/{example}", cpu[row][real])
             if f"input/{example}" not in tensors:
                 _add(tensors, f"input/{example}", batch.inputs[row].cpu()[real])
         else:
             _add(tensors, f"attr/{label}/{example}", cpu[row])
+    chunk = job.settings.max_examples_per_batch
     scores, curves = batch_scores(
-        LogitsOf(model), batch, relevance, target, source.baseline, settings.max_examples_per_batch
+        LogitsOf(job.model), batch, relevance, target, job.source.baseline, chunk
     )
     for name, values in scores.items():
         _add(tensors, f"score/{label}/{name}", values.cpu())
