@@ -13,8 +13,10 @@ from .capture import mark_attention
 
 if TYPE_CHECKING:  # type checkers see the classes; at run time __getattr__ imports them
     from .attr import (
+        CPLRP,
         AttentionGradCAM,
         AttentionRollout,
+        AttnLRP,
         CheferCoAttention,
         CheferDualEncoder,
         CheferEncoderDecoder,
@@ -32,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionGradCAM",
     "AttentionRollout",
+    "AttnLRP",
+    "CPLRP",
     "CheferCoAttention",
     "CheferDualEncoder",
     "CheferEncoderDecoder",

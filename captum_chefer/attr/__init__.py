@@ -4,6 +4,7 @@ from .base import AttentionAttribution
 from .baselines import AttentionGradCAM, AttentionRollout, GradientRollout, RawAttention
 from .chefer import CheferRelevance
 from .llm import CheferLLMAttribution
+from .lrp import CPLRP, AttnLRP
 from .multimodal import (
     CheferCoAttention,
     CheferDualEncoder,
@@ -17,6 +18,8 @@ __all__ = [
     "AttentionAttribution",
     "AttentionGradCAM",
     "AttentionRollout",
+    "AttnLRP",
+    "CPLRP",
     "CheferCoAttention",
     "CheferDualEncoder",
     "CheferEncoderDecoder",

@@ -1,0 +1,248 @@
+"""``AttnLRP`` and ``CPLRP``: layer-wise relevance propagation through unmodified transformers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..capture.lrp import ReadPoint, Variant, lrp_rules, token_layer
+from ._captum import (
+    GradientAttribution,
+    TargetType,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+    _run_forward,
+    _select_targets,
+    log_usage,
+)
+from .base import Output, check_output, module_or_none
+
+NO_ATTENTION = (
+    "{name} saw no attention on the path from the inputs to the output: no softmax and no "
+    "scaled_dot_product_attention of input-dependent tensors. Load Hugging Face models with "
+    "attn_implementation='sdpa' or 'eager' (flash-attn kernels and custom CUDA ops are not "
+    "visible), and check that forward_func runs the model on inputs."
+)
+
+
+class _LRPAttribution(GradientAttribution):
+    """Shared flow: one forward under the rules, one gradient, gradient × input at the reads."""
+
+    variant: ClassVar[Variant]
+
+    def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
+        super().__init__(forward_func)
+        self.model = model if model is not None else module_or_none(forward_func)
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        output: Output = "input",
+        layer: nn.Module | None = None,
+        epsilon: float = 1e-6,
+    ) -> Tensor | tuple[Tensor, ...]:
+        r"""Relevance of each input position for ``target``.
+
+        Args:
+            inputs: a tensor or tuple of tensors, passed first to ``forward_func``: token ids
+                ``(B, T)`` (relevance read at the embedding output, summed over features),
+                embeddings ``(B, T, D)`` or images ``(B, C, H, W)``.
+            target: Captum's target: an int, a tuple, a tensor, or one per example. None on a
+                multi-class output explains the predicted class.
+            additional_forward_args: passed positionally after ``inputs`` (masks, …); they are
+                constants of the explanation.
+            output: ``"input"`` returns relevance shaped like each input; ``"token"`` reads it
+                at the token embeddings or patch tokens, summed over features: ``(B, N)``.
+            layer: with ``output="token"``, the module whose output holds the tokens
+                ``(B, N, D)``; found from ``get_input_embeddings()`` or ``patch_embed`` when
+                None.
+            epsilon: the epsilon rule's stabiliser ε ≥ 0 at linear layers (0 is LRP-0).
+
+        Returns:
+            Relevance shaped like ``inputs`` (ids: ``(B, T)``; a tuple for a tuple), or
+            ``(B, N)`` with ``output="token"``. Biases keep their share, so the sum equals the
+            explained logit only for bias-free models (and, for AttnLRP, up to the softmax's
+            bias term).
+        """
+        check_output(output)
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, not {epsilon}")
+        is_inputs_tuple = _is_tuple(inputs)
+        leaves = tuple(_as_leaf(tensor) for tensor in _format_tensor_into_tuples(inputs))
+        if output == "token" and layer is None:
+            layer = token_layer(self.model)
+        state, selected = self._forward(leaves, target, additional_forward_args, layer, epsilon)
+        if output == "token":
+            return _read_tokens(state.layer_outputs, selected)
+        return _format_output(is_inputs_tuple, _read_inputs(leaves, state.embeddings, selected))
+
+    def _forward(
+        self,
+        leaves: tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        layer: nn.Module | None,
+        epsilon: float,
+    ) -> tuple[Any, Tensor]:
+        if self.model is not None and self.model.training:
+            warnings.warn(
+                "The model is in training mode: dropout makes the relevance random. Call "
+                "model.eval() first; captum_chefer does not change the mode for you.",
+                stacklevel=4,
+            )
+        name = type(self).__name__
+        with (
+            torch.enable_grad(),
+            lrp_rules(self.model, self.variant, leaves, epsilon=epsilon, layer=layer) as state,
+        ):
+            out = _as_tensor(_run_forward(self.forward_func, leaves, None, additional_forward_args))
+        if not state.attention_calls:
+            raise RuntimeError(NO_ATTENTION.format(name=name))
+        selected = _select_targets(out, _default_target(out, target))
+        if not selected.requires_grad:
+            raise RuntimeError(
+                f"{name}: the selected output does not depend on the inputs; check that "
+                "forward_func runs the model on inputs."
+            )
+        return state, selected
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return True
+
+
+def _as_leaf(tensor: Tensor) -> Tensor:
+    if tensor.is_floating_point():
+        return tensor.detach().requires_grad_(True)
+    return tensor
+
+
+def _relevance(points: list[Tensor], selected: Tensor) -> list[Tensor]:
+    grads = torch.autograd.grad(selected.sum(), points, allow_unused=True)
+    return [
+        point.detach() * grad if grad is not None else torch.zeros_like(point)
+        for point, grad in zip(points, grads)
+    ]
+
+
+def _read_inputs(
+    leaves: tuple[Tensor, ...], embeddings: list[ReadPoint], selected: Tensor
+) -> tuple[Tensor, ...]:
+    """Gradient × input on floating inputs; on ids, the embedding outputs summed over features."""
+    floats = [leaf for leaf in leaves if leaf.is_floating_point()]
+    values = _relevance(floats + [point.tensor for point in embeddings], selected)
+    by_float = dict(zip(map(id, floats), values[: len(floats)]))
+    read = []
+    for index, leaf in enumerate(leaves):
+        if leaf.is_floating_point():
+            read.append(by_float[id(leaf)])
+            continue
+        mine = [
+            value.sum(-1)
+            for point, value in zip(embeddings, values[len(floats) :])
+            if point.origins == 1 << index and value.shape[:-1] == leaf.shape
+        ]
+        if not mine:
+            raise RuntimeError(
+                f"Input {index} holds integer ids, but no embedding lookup of them was seen. "
+                "Pass the embeddings instead (inputs_embeds), or output='token'."
+            )
+        read.append(torch.stack(mine).sum(0))
+    return tuple(read)
+
+
+def _read_tokens(points: list[ReadPoint], selected: Tensor) -> Tensor:
+    if len(points) != 1:
+        raise RuntimeError(
+            f"The token layer ran {len(points)} times in one forward; pass layer= a module that "
+            "runs once."
+        )
+    (value,) = _relevance([points[0].tensor], selected)
+    return value.sum(-1) if value.dim() > 2 else value
+
+
+def _as_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"forward_func returned {type(output).__name__}; it must return a tensor (or an object "
+        "with .logits). Wrap the model, e.g. lambda ids: model(ids).logits[:, -1]."
+    )
+
+
+def _default_target(output: Tensor, target: TargetType) -> TargetType:
+    """Captum's conventions, plus: no target on a multi-class output explains the argmax."""
+    if target is not None or output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1):
+        return target
+    if output.dim() == 2:
+        return output.argmax(1)
+    raise ValueError(
+        f"target=None is ambiguous for an output of shape {tuple(output.shape)}; pass target= "
+        "(an int, a tuple, or one per example), or return one value per example."
+    )
+
+
+class AttnLRP(_LRPAttribution):
+    r"""AttnLRP (Achtibat et al., ICML 2024): LRP through attention, on the model as it ships.
+
+    The rules of :mod:`captum_chefer.core.lrp` (epsilon rule at linear layers, identity rule at
+    norms and activations, uniform rule at the attention matmuls and gates, the softmax rule)
+    are applied to what the model runs, on the calling thread, for one forward; the relevance
+    is gradient × input through them. The forward value is unchanged, bit for bit.
+
+    Args:
+        forward_func: the model, or any callable returning a tensor (or an object with
+            ``.logits``).
+        model: the module that ``forward_func`` runs, when it is not one (for its
+            hand-written activation modules and the token layer).
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        >>> model = torch.nn.Sequential(layer, torch.nn.Flatten(1), torch.nn.Linear(80, 3)).eval()
+        >>> x = torch.randn(2, 5, 16)
+        >>> relevance = AttnLRP(model).attribute(x, target=0)
+        >>> relevance.shape
+        torch.Size([2, 5, 16])
+    """
+
+    variant: ClassVar[Variant] = "attnlrp"
+
+
+class CPLRP(_LRPAttribution):
+    r"""CP-LRP (Ali et al., ICML 2022): LRP with the attention probabilities held constant.
+
+    As :class:`AttnLRP`, except that no relevance flows through the softmax (attention is a
+    constant mixing of the values) and an activated gate is a constant factor. With all biases
+    zero the relevance is conserved: it sums to the explained logit.
+
+    Args:
+        forward_func: the model, or any callable returning a tensor (or an object with
+            ``.logits``).
+        model: the module that ``forward_func`` runs, when it is not one.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        >>> model = torch.nn.Sequential(layer, torch.nn.Flatten(1), torch.nn.Linear(80, 3)).eval()
+        >>> x = torch.randn(2, 5, 16)
+        >>> CPLRP(model).attribute(x, target=1, output="token", layer=layer).shape
+        torch.Size([2, 5])
+    """
+
+    variant: ClassVar[Variant] = "cplrp"
