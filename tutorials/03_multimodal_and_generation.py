@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -30,21 +31,28 @@
 # mechanics, not meaningful explanations. The cells marked *real checkpoints* show the same
 # calls on pretrained weights; they only run when `CAPTUM_CHEFER_PRETRAINED=1` is set on a
 # machine with internet access.
+#
+# Run it as a script, `python tutorials/03_multimodal_and_generation.py`, or open the paired
+# notebook `tutorials/03_multimodal_and_generation.ipynb`; it needs the `[tutorials]` extra.
+# `CAPTUM_CHEFER_QUICK=1` runs a small version; figures go to `$CAPTUM_CHEFER_TUTORIAL_OUT`
+# (default `tutorial_output/`).
 
 # %%
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from captum.attr import TextTokenInput  # noqa: E402
-from captum.attr import visualization as viz  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from captum.attr import TextTokenInput
+from captum.attr import visualization as viz
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     CLIPConfig,
@@ -54,14 +62,20 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from captum_chefer import CheferDualEncoder, CheferLLMAttribution  # noqa: E402
-from captum_chefer.viz import save_text_heatmap  # noqa: E402
+from captum_chefer import CheferDualEncoder, CheferLLMAttribution
+from captum_chefer.viz import (
+    image_attr_arguments,
+    records_html,
+    save_text_heatmap,
+    visualization_records,
+)
 
 warnings.filterwarnings("ignore", message=".*generation flags.*")
 QUICK = os.environ.get("CAPTUM_CHEFER_QUICK") == "1"
 PRETRAINED = os.environ.get("CAPTUM_CHEFER_PRETRAINED") == "1"
 OUT = Path(os.environ.get("CAPTUM_CHEFER_TUTORIAL_OUT", "tutorial_output"))
 OUT.mkdir(parents=True, exist_ok=True)
+print(f"outputs go to {OUT.resolve()}")
 LAYERS = 2 if QUICK else 4
 WIDTH = 32 if QUICK else 64
 IMAGE = 64 if QUICK else 224
@@ -132,19 +146,16 @@ print("image map", tuple(image_maps.shape), "text relevance", tuple(text_relevan
 # %%
 figure, axes = plt.subplots(1, 2, figsize=(8, 4))
 for i, axis in enumerate(axes):
-    viz.visualize_image_attr(
-        image_maps[i].permute(1, 2, 0).numpy(),
-        picture.permute(1, 2, 0).numpy(),
-        method="blended_heat_map",
-        sign="positive",
-        plt_fig_axis=(figure, axis),
-        title=captions[i].replace(" <pad>", ""),
-        use_pyplot=False,
+    # The map divided by its maximum, which the title states; Captum adds the colour bar.
+    arguments = image_attr_arguments(
+        image_maps[i].sum(0), picture, title=captions[i].replace(" <pad>", "")
     )
+    viz.visualize_image_attr(**arguments, plt_fig_axis=(figure, axis), use_pyplot=False)
 save(figure, "03_clip_image_relevance.png")
 
-# The caption relevance as a coloured-token page (Captum's `visualize_text` draws the same
-# records in a notebook; it needs IPython).
+# The caption relevance on one scale shared by both captions: as a coloured-token page, and as
+# Captum's `visualize_text` table (`records_html` writes it without IPython; in a notebook
+# `visualize_text` shows it).
 with torch.no_grad():
     logits = clip(input_ids=batch["input_ids"], pixel_values=images).logits_per_image
 rows = []
@@ -154,16 +165,18 @@ for i in range(len(captions)):
     rows.append((f"logit {float(logits[i, i]):.3f}", tokens[:real], text_relevance[i, :real]))
 save_text_heatmap(OUT / "03_clip_text_relevance.html", rows, "CLIP caption relevance")
 print("wrote", OUT / "03_clip_text_relevance.html")
-try:
-    import IPython  # noqa: F401
-
-    records = [
-        viz.VisualizationDataRecord(scores, 0.0, 0, 0, 0, scores.sum(), tokens, 0.0)
-        for _, tokens, scores in rows
-    ]
+special = torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
+records = visualization_records(
+    text_relevance,
+    [tokens for _, tokens, _ in rows],
+    special_mask=special & (batch["input_ids"] != EOS),  # CLIP reads the text from its EOT
+    pred_class=[title for title, _, _ in rows],
+    pred_prob=[float(logits[i, i]) for i in range(len(rows))],
+)
+(OUT / "03_clip_captum_records.html").write_text(records_html(records), encoding="utf-8")
+print("wrote", OUT / "03_clip_captum_records.html")
+if "ipykernel" in sys.modules:
     viz.visualize_text(records)
-except ImportError:
-    pass
 
 # %% [markdown]
 # *Real checkpoints* (not run here): the same call on OpenAI's CLIP. Load the model with
@@ -249,7 +262,14 @@ generation = CheferLLMAttribution(llama, tokenizer).attribute(
     batch_size=4,
 )
 print("generated:", generation.output_tokens)
-print("sequence relevance:", {k: round(v, 4) for k, v in generation.seq_attr_dict.items()})
+# Captum's `seq_attr_dict` is keyed by token text, so a repeated token ("the") keeps only one
+# value; list the tokens in order instead (the prompt, then the generated tokens that
+# `include_generated=True` adds).
+print("sequence relevance, tokens in order:")
+for position, (token, value) in enumerate(
+    zip(generation.input_tokens, generation.seq_attr.tolist(), strict=True)
+):
+    print(f"  {position:2d} {token:>10s} {value:+.4f}")
 save(generation.plot_token_attr()[0], "03_llama_token_attr.png")
 save(generation.plot_seq_attr()[0], "03_llama_seq_attr.png")
 
