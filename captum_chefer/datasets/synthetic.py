@@ -221,11 +221,13 @@ def make_sentences(n: int, seed: int, tokenizer: Any) -> SentenceSet:
         True
     """
     rng = random.Random(seed)
-    words, keyword_positions, labels = [], [], []
+    words: list[list[str]] = []
+    keyword_positions: list[set[int]] = []
+    labels: list[int] = []
     for _ in range(n):
         label = rng.randrange(2)
         sentence = [rng.choice(FILLER) for _ in range(rng.randint(6, 10))]
-        positions = []
+        positions: list[int] = []
         for _ in range(rng.randint(1, 2)):
             at = rng.randint(0, len(sentence))
             sentence.insert(at, rng.choice(POSITIVE if label else NEGATIVE))
@@ -235,9 +237,9 @@ def make_sentences(n: int, seed: int, tokenizer: Any) -> SentenceSet:
         labels.append(label)
     batch = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
     evidence = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    for row, positions in enumerate(keyword_positions):
+    for row, keywords in enumerate(keyword_positions):
         for column, word in enumerate(batch.word_ids(row)):
-            evidence[row, column] = word is not None and word in positions
+            evidence[row, column] = word is not None and word in keywords
     specials = torch.tensor(tokenizer.all_special_ids)
     special = torch.isin(batch["input_ids"], specials)
     sentences = [" ".join(sentence) for sentence in words]
@@ -253,7 +255,8 @@ class MeanPoolClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int = 2) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+        hidden_size = int(encoder.config.hidden_size)  # type: ignore[union-attr, arg-type]
+        self.head = nn.Linear(hidden_size, num_classes)
 
     def pool(self, ids: Tensor, mask: Tensor) -> Tensor:
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -193,7 +193,7 @@ def image_attr_arguments(
         raise ValueError(f"image must be (3, H, W), not {tuple(image.shape)}; pass images[i].")
     if image.min() < 0 or image.max() > 1:
         raise ValueError("image must lie in [0, 1]: undo the model's mean/std normalisation.")
-    upsampled = _as_map(relevance, tuple(image.shape[1:]))
+    upsampled = _as_map(relevance, (int(image.shape[1]), int(image.shape[2])))
     value = float(upsampled.abs().max())
     if not value > 0:
         raise ValueError("the map is all zeros: nothing to show. Check the target and the layer.")
