@@ -113,7 +113,8 @@ def _markdown(index: dict[str, Any], summary: dict[str, dict[str, float]], has_p
         "Perturbation AUC (Chefer et al., CVPR 2021): top-1 accuracy on the explained class while "
         "0-90 % of the " + ("tokens" if text_rows else "pixels") + " are removed, most relevant "
         "first (pos.) or least relevant first (neg.), x 100. Deletion/insertion (RISE): area under "
-        "the probability as features are removed / inserted, x 100.",
+        "the probability as features are removed / inserted, x 100. ms / example: the method's "
+        "attribution time alone (the metrics' forwards excluded), on this run's machine and load.",
     ]
     if text_rows:
         lines.append(
