@@ -324,3 +324,19 @@ def test_bad_inputs_get_clear_errors(model, clean_run, tmp_path):
         run_job(model, tmp_path / "missing.jsonl", ["AttentionRollout"], tmp_path / "i", **quiet)
     with pytest.raises(IndexError, match="rerun the job to finish it"):
         JobResults(clean_run[0])[99]
+
+
+def test_command_line_errors_name_the_fix(tmp_path, capsys):
+    from captum_chefer.jobs.cli import main, parse_method
+
+    common = ["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--methods", "Saliency"]
+    assert main(["--model", "no_colon_here", *common]) == 2
+    assert "'module:function'" in capsys.readouterr().err
+    assert main(["--model", "no_such_module_xyz:build", *common]) == 2
+    assert "cannot import it" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must read key=value"):
+        parse_method("IntegratedGradients:n_steps")
+    assert parse_method("Occlusion:sliding_window_shapes=(1,),strides=1").options == {
+        "sliding_window_shapes": (1,),
+        "strides": 1,
+    }

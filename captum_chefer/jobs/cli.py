@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -36,7 +37,7 @@ def parse_method(text: str) -> Method:
     """
     name, _, rest = text.partition(":")
     options = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?=\w+=)", rest)):  # commas before the next key=
         key, equals, value = item.partition("=")
         if not equals or not key:
             raise ValueError(f"Method option {item!r} in {text!r} must read key=value.")
