@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -77,7 +78,10 @@ FAMILIES = {
     "llama": (models.llama, "ids-last"),
     "llama-eager": (lambda: models.llama("eager"), "ids-last"),
     "vit": (models.vit, "pixels32"),
-    "deit-timm": (models.deit, "pixels224"),
+    "deit-timm": (
+        lambda: _timm("deit_tiny_distilled_patch16_224", depth=2, img_size=64),
+        "pixels64",
+    ),
     # the rest of the sweep: hand-written norms and activations, ALiBi, MHA, windows, RoPE
     "gpt2": (models.gpt2, "ids-last"),
     "bloom": (lambda: _hf("BloomConfig", "BloomForCausalLM", n_head=4), "ids-last"),
@@ -92,11 +96,11 @@ FAMILIES = {
         "ids-first",
     ),
     "torch-encoder": (lambda: models.EncoderClassifier().eval(), "embeds"),
-    "eva02-timm": (lambda: _timm("eva02_tiny_patch14_224", depth=2), "pixels224"),
+    "eva02-timm": (lambda: _timm("eva02_tiny_patch14_224", depth=2, img_size=56), "pixels56"),
     "swin-timm": (
-        lambda: _timm("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1), embed_dim=16,
-                      num_heads=(1, 2, 2, 2)),
-        "pixels224",
+        lambda: _timm("swin_tiny_patch4_window7_224", depths=(1, 1, 1), embed_dim=16,
+                      num_heads=(1, 2, 2), img_size=112),
+        "pixels112",
     ),
 }  # fmt: skip
 
@@ -111,7 +115,7 @@ def _family_call(name: str):
         inputs = torch.randn(2, 5, 16, generator=generator)
     else:
         side = int(kind.removeprefix("pixels"))
-        inputs = torch.randn(1 if side > 32 else 2, 3, side, side, generator=generator)
+        inputs = torch.randn(1 if side > 64 else 2, 3, side, side, generator=generator)
     if kind == "ids-last":
         return model, inputs, lambda ids: model(ids).logits[:, -1]
     if kind == "ids-first":
@@ -130,6 +134,39 @@ def test_cplrp_conserves_relevance_without_biases(name: str) -> None:
     logit = getattr(out, "logits", out)[:, 1]
     torch.testing.assert_close(relevance.flatten(1).sum(1), logit, rtol=0, atol=1e-5)
     assert relevance.abs().sum() > 10 * logit.abs().sum() * 1e-3  # not a degenerate map
+    attn = AttnLRP(forward, model=model).attribute(inputs, target=1, epsilon=0.0)
+    assert attn.shape == relevance.shape and torch.isfinite(attn).all()
+    assert not torch.allclose(attn, relevance)  # the softmax rule does reach queries and keys
+
+
+class GatedBlock(nn.Module):
+    """Softmax attention, then a SwiGLU MLP ``down(silu(gate(h)) * up(h))``."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qk = nn.Linear(dim, 2 * dim, bias=False)
+        self.gate, self.up = nn.Linear(dim, 16, bias=False), nn.Linear(dim, 16, bias=False)
+        self.down, self.head = nn.Linear(16, dim, bias=False), nn.Linear(dim, 1, bias=False)
+
+    def forward(self, x, constant: bool = False):
+        q, k = self.qk(x).chunk(2, -1)
+        probs = torch.softmax(q @ k.transpose(-1, -2), -1)
+        h = x + (probs.detach() if constant else probs) @ x
+        gate = nn.functional.silu(self.gate(h))
+        out = h + self.down((gate.detach() if constant else gate) * self.up(h))
+        return self.head(out[:, 0])
+
+
+def test_cplrp_holds_attention_and_activated_gates_constant() -> None:
+    """Against plain autograd on the same model with probabilities and gates detached."""
+    model = GatedBlock().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(leaf, constant=True).sum(), leaf)
+    got = CPLRP(model).attribute(x, epsilon=0.0)
+    torch.testing.assert_close(got, x * grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.sum((1, 2)), model(x)[:, 0], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cplrp"])
@@ -265,10 +302,24 @@ def test_refusals_name_the_cause_and_the_fix() -> None:
         CPLRP(models.EncoderClassifier().eval()).attribute(
             torch.randn(1, 4, 16), target=0, epsilon=-1
         )
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside it"):
+        CPLRP(models.EncoderClassifier().eval()).attribute(torch.randn(1, 4, 16), target=0)
+    with torch.no_grad():
+        CPLRP(models.EncoderClassifier().eval()).attribute(torch.randn(1, 4, 16), target=0)
     trained = models.EncoderClassifier()
     trained.encoder.layers[0].self_attn.dropout = 0.5
     with pytest.raises(RuntimeError, match="model.eval"), pytest.warns(UserWarning):
         AttnLRP(trained.train()).attribute(torch.randn(1, 4, 16), target=0)
+
+
+def test_training_mode_is_judged_by_the_wrapped_model() -> None:
+    model = models.EncoderClassifier().eval()
+    wrapper = nn.Sequential(model)  # left in training mode, as wrappers often are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CPLRP(wrapper).attribute(torch.randn(1, 4, 16), target=0)
+    with pytest.warns(UserWarning, match="training mode"):
+        CPLRP(nn.Sequential(model.train())).attribute(torch.randn(1, 4, 16), target=0)
 
 
 def test_exported_and_conventions() -> None:

@@ -74,16 +74,23 @@ class _LRPAttribution(GradientAttribution):
             bias term).
         """
         check_output(output)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} needs gradients, which torch.inference_mode() forbids; "
+                "call attribute outside it (torch.no_grad() around it is fine)."
+            )
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, not {epsilon}")
         is_inputs_tuple = _is_tuple(inputs)
         leaves = tuple(_as_leaf(tensor) for tensor in _format_tensor_into_tuples(inputs))
         if output == "token" and layer is None:
             layer = token_layer(self.model)
-        state, selected = self._forward(leaves, target, additional_forward_args, layer, epsilon)
-        if output == "token":
-            return _read_tokens(state.layer_outputs, selected)
-        return _format_output(is_inputs_tuple, _read_inputs(leaves, state.embeddings, selected))
+        with torch.enable_grad():  # also under the caller's no_grad
+            state, selected = self._forward(leaves, target, additional_forward_args, layer, epsilon)
+            if output == "token":
+                return _read_tokens(state.layer_outputs, selected)
+            read = _read_inputs(leaves, state.embeddings, selected)
+        return _format_output(is_inputs_tuple, read)
 
     def _forward(
         self,
@@ -93,17 +100,14 @@ class _LRPAttribution(GradientAttribution):
         layer: nn.Module | None,
         epsilon: float,
     ) -> tuple[Any, Tensor]:
-        if self.model is not None and self.model.training:
+        if self.model is not None and _in_training(self.model):
             warnings.warn(
                 "The model is in training mode: dropout makes the relevance random. Call "
                 "model.eval() first; captum_chefer does not change the mode for you.",
                 stacklevel=4,
             )
         name = type(self).__name__
-        with (
-            torch.enable_grad(),
-            lrp_rules(self.model, self.variant, leaves, epsilon=epsilon, layer=layer) as state,
-        ):
+        with lrp_rules(self.model, self.variant, leaves, epsilon=epsilon, layer=layer) as state:
             out = _as_tensor(_run_forward(self.forward_func, leaves, None, additional_forward_args))
         if not state.attention_calls:
             raise RuntimeError(NO_ATTENTION.format(name=name))
@@ -121,6 +125,11 @@ class _LRPAttribution(GradientAttribution):
     @property
     def multiplies_by_inputs(self) -> bool:
         return True
+
+
+def _in_training(model: nn.Module) -> bool:
+    """Judged by the modules that compute (leaves), not by wrappers around the model."""
+    return any(m.training for m in model.modules() if next(m.children(), None) is None)
 
 
 def _as_leaf(tensor: Tensor) -> Tensor:
