@@ -58,10 +58,10 @@ def test_notebook_executes(script: Path, tmp_path: Path, monkeypatch):
         "CAPTUM_CHEFER_QUICK": "1",
         "CAPTUM_CHEFER_TUTORIAL_OUT": str(out),
         "HF_HUB_OFFLINE": "1",
-        "MPLBACKEND": "Agg",
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("CAPTUM_CHEFER_PRETRAINED", raising=False)
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the notebook's own (inline) backend
     notebook = nbformat.read(script.with_suffix(".ipynb"), as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
@@ -72,6 +72,8 @@ def test_notebook_executes(script: Path, tmp_path: Path, monkeypatch):
     printed = _stream_text(notebook)
     for figure in figures:  # each output is announced where it goes
         assert str(figure) in printed, f"{figure.name} is written without saying where"
+    shown = [o for o in _outputs(notebook) if "image/png" in o.get("data", {})]
+    assert len(shown) == len([p for p in figures if p.suffix == ".png"])  # each PNG is shown
     if script.stem != "02_vision_vit":  # the text tutorials show Captum's table, in colour
         html = [
             o["data"]["text/html"] for o in _outputs(notebook) if "text/html" in o.get("data", {})

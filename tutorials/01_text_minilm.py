@@ -77,6 +77,15 @@ def wrote(path):
     return path
 
 
+def finish(figure):
+    """Show the figure in a notebook, then close it (a script only writes the file)."""
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(figure)
+    plt.close(figure)
+
+
 # %% [markdown]
 # ## 1. Sentence similarity
 #
@@ -235,7 +244,7 @@ def plot_token_maps(relevance, ids, mask, titles, path):
     bar = figure.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01)
     bar.set_label("relevance / the method's scale (row label)")
     figure.savefig(wrote(path), dpi=100, bbox_inches="tight")
-    plt.close(figure)
+    finish(figure)
 
 
 titles = [f"{a}  ->  {b}  (cos {float(s):.2f})" for (a, b), s in zip(PAIRS, scores)]
@@ -321,7 +330,7 @@ figure = plot_metric_curves(
     ylabel="probability of the predicted class",
 )
 figure.savefig(wrote(OUT / "classifier_perturbation.png"), dpi=100, bbox_inches="tight")
-plt.close(figure)
+finish(figure)
 
 # %% [markdown]
 # With the pretrained encoder, Chefer's gradient-weighted relevance finds the keywords far more

@@ -62,6 +62,15 @@ def wrote(path):
     return path
 
 
+def finish(figure):
+    """Show the figure in a notebook, then close it (a script only writes the file)."""
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(figure)
+    plt.close(figure)
+
+
 # %% [markdown]
 # ## 1. Data and model
 #
@@ -120,7 +129,7 @@ def show(images, maps, path, rows=3, masks=None):
             if masks is not None:  # the object's outline
                 axes[row, column].contour(masks[row].float().numpy(), levels=[0.5], colors="cyan")
     figure.savefig(wrote(path), dpi=90, bbox_inches="tight")
-    plt.close(figure)
+    finish(figure)
 
 
 show(test.images, maps, OUT / "vit_maps.png", masks=test.masks)
@@ -142,7 +151,7 @@ figure, _ = viz.visualize_image_attr_multiple(
     use_pyplot=False,
 )
 figure.savefig(wrote(OUT / "vit_chefer_views.png"), dpi=90, bbox_inches="tight")
-plt.close(figure)
+finish(figure)
 
 # %% [markdown]
 # ## 3. Metrics
@@ -190,7 +199,7 @@ for axis, first in zip(axes, (True, False)):
         xlabel="fraction of pixels set to black", ylabel="top-1 accuracy",
     )  # fmt: skip
 figure.savefig(wrote(OUT / "vit_perturbation.png"), dpi=100, bbox_inches="tight")
-plt.close(figure)
+finish(figure)
 
 # %% [markdown]
 # On this small model rollout localises the object better than Chefer's rule, which is not

@@ -83,7 +83,12 @@ torch.manual_seed(0)
 
 
 def save(figure, name):
+    """Write the figure to OUT; in a notebook, also show it."""
     figure.savefig(OUT / name, bbox_inches="tight")
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(figure)
     plt.close(figure)
     print("wrote", OUT / name)
 
