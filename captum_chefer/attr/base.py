@@ -42,8 +42,9 @@ class AttentionAttribution(GradientAttribution):
     """The ``self_relevance`` values this method's row supports."""
 
     def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
+        forward_func = uncompiled(forward_func)
         super().__init__(forward_func)
-        self.model = model if model is not None else module_or_none(forward_func)
+        self.model = uncompiled(model) if model is not None else module_or_none(forward_func)
 
     def _attribute(
         self,
@@ -65,7 +66,7 @@ class AttentionAttribution(GradientAttribution):
         inputs_tuple = _format_tensor_into_tuples(inputs)
 
         def prepare(trace: Trace) -> None:
-            _check_self_attention(trace, type(self).__name__)
+            check_self_attention(trace, type(self).__name__)
             start = token_start_rows(token_index, trace.valid, trace.causal)
             prefix = _prefix_tokens(trace, inputs_tuple, num_prefix_tokens, patch_grid)
             reader.prepare(ReadSetup(start, trace.valid, len(trace.records), prefix))
@@ -128,15 +129,70 @@ def module_or_none(forward_func: Callable[..., Any]) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _check_self_attention(trace: Trace, name: str) -> None:
-    sizes = {record.shape[2:] for record in trace.records}
-    if len(sizes) != 1 or any(n_query != n_key for n_query, n_key in sizes):
-        shapes = sorted({record.shape for record in trace.records})
-        raise ValueError(
-            f"{name}'s self-attention rule needs every attention layer to attend over one token "
-            f"sequence, but the model's attention calls have shapes {shapes} (B, H, Nq, Nk). For "
-            "cross-attention or several sequences, use the bi-modal and encoder-decoder rules."
-        )
+def uncompiled(forward_func: Callable[..., Any]) -> Callable[..., Any]:
+    """The original module or function of a ``torch.compile``d one; others unchanged.
+
+    A compiled graph runs its attention in generated code the capture cannot see, so the
+    explanation runs the original, eager module: the same function, the same weights.
+    """
+    original = getattr(forward_func, "_orig_mod", None)
+    if isinstance(original, nn.Module):
+        return original
+    function = getattr(forward_func, "_torchdynamo_orig_callable", None)
+    return function if callable(function) else forward_func
+
+
+def check_self_attention(trace: Trace, name: str) -> None:
+    """Refuse, naming the cause, attention the self-attention rule does not define.
+
+    The rule needs token-to-token self-attention over one sequence per explained example, in
+    layers that form one chain: every call ``(B, H, N, N)`` with the output's batch ``B``, one
+    ``N`` for all, and each layer computed from the one before.
+    """
+    shapes = sorted({record.shape for record in trace.records})
+    batch = trace.output.shape[0] if trace.output.dim() else 1
+    if any(record.shape[0] != batch for record in trace.records):
+        raise ValueError(NOT_PER_EXAMPLE.format(name=name, shapes=shapes, batch=batch))
+    if any(record.shape[2] != record.shape[3] for record in trace.records):
+        raise ValueError(NOT_SELF_ATTENTION.format(name=name, shapes=shapes))
+    if len({record.shape[3] for record in trace.records}) != 1:
+        raise ValueError(NOT_ONE_SEQUENCE.format(name=name, shapes=shapes))
+    breaks = trace.dependencies.chain_breaks()
+    if breaks:
+        raise ValueError(NOT_A_CHAIN.format(name=name, after=breaks[0][0], layer=breaks[0][1]))
+
+
+_GRADIENT_METHOD = (
+    "explain this model with a gradient method instead, e.g. captum.attr.IntegratedGradients "
+    "or captum.attr.LayerGradCam."
+)
+NOT_PER_EXAMPLE = (
+    "{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), but the "
+    "explained output has {batch} examples, so attention rows cannot be matched to examples. "
+    "This is windowed attention (Swin folds its windows into the batch), or heads folded into "
+    "the batch ((B*H, N, D) calls). The rule is defined for token-to-token self-attention over "
+    "one sequence; " + _GRADIENT_METHOD
+)
+NOT_SELF_ATTENTION = (
+    "{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), some with "
+    "queries other than their keys: class attention (CaiT), attention pooling with a learned "
+    "probe (SigLIP's vision head, attention-pool heads) or cross-attention. For a CLIP or SigLIP "
+    "model use CheferDualEncoder; for an encoder-decoder CheferEncoderDecoder; otherwise "
+    + _GRADIENT_METHOD
+)
+NOT_ONE_SEQUENCE = (
+    "{name}: the model's attention calls attend over different numbers of tokens, shapes "
+    "{shapes} (B, H, Nq, Nk): channel attention (XCiT), or tokens pooled or merged between "
+    "layers (Funnel, pyramid ViTs). The self-attention rule needs one token sequence; "
+    + _GRADIENT_METHOD
+)
+NOT_A_CHAIN = (
+    "{name}: attention layer {layer} does not depend on layer {after}, so the captured layers "
+    "do not form the one chain the self-attention rule assumes. A siamese forward such as "
+    "cos(model(a), model(b)) runs the model twice: explain one branch at a time with the other "
+    "detached, e.g. CheferRelevance(lambda a: cos(model(a), model(b).detach()), model).attribute"
+    "(a). For models with several streams use CheferMultiModal."
+)
 
 
 def _prefix_tokens(

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import CallRecord, module_scope
+from ..capture import CallRecord, scoped_method
 from ..core.bimodal import AbarCollector, AttentionEdge, MultiModalRelevance
 from ..core.layout import patches_to_image, split_segments
 from ..core.tokens import (
@@ -99,17 +99,17 @@ def trace_multimodal(
     def prepare(trace: Trace) -> None:
         valid.update(_stream_validity(trace.records, streams, trace.output.device))
 
-    with module_scope(model):
-        trace = trace_attention(
-            forward_func,
-            model,
-            inputs,
-            target,
-            additional_forward_args,
-            collector,
-            prepare,
-            block_bytes,
-        )
+    trace = trace_attention(
+        forward_func,
+        model,
+        inputs,
+        target,
+        additional_forward_args,
+        collector,
+        prepare,
+        block_bytes,
+        scope_modules=True,
+    )
     records = trace.records
     device = trace.output.device
     state = MultiModalRelevance(streams.sizes(records), records[0].shape[0], device)
@@ -449,36 +449,29 @@ def _map_segment(
     return tokens_to_input(row, tensor.shape, num_prefix_tokens, patch_grid).to(tensor.device)
 
 
-_MISSING = object()
-
-
 @contextmanager
 def _patch_positions(model: nn.Module | None) -> Iterator[list[tuple[Tensor, tuple[int, int]]]]:
-    """Record the patch order ViLT-style embeddings draw, by wrapping ``visual_embed``."""
+    """Record the patch order ViLT-style embeddings draw, by wrapping ``visual_embed``.
+
+    The wrapper acts on this thread only (see :func:`~captum_chefer.capture.scoped_method`).
+    """
     found: list[tuple[Tensor, tuple[int, int]]] = []
     modules = [
         module
         for module in (model.modules() if model is not None else ())
         if callable(getattr(type(module), "visual_embed", None))
     ]
-    saved = [(module, module.__dict__.get("visual_embed", _MISSING)) for module in modules]
-    try:
+    with ExitStack() as stack:
         for module in modules:
-            module.__dict__["visual_embed"] = functools.partial(
-                _recording_visual_embed, module, found
-            )
+            wrapper = functools.partial(_recording_visual_embed, found)
+            stack.enter_context(scoped_method(module, "visual_embed", wrapper))
         yield found
-    finally:
-        for module, original in saved:
-            if original is _MISSING:
-                module.__dict__.pop("visual_embed", None)
-            else:
-                module.__dict__["visual_embed"] = original
 
 
-def _recording_visual_embed(module: nn.Module, found: list, *args: Any, **kwargs: Any) -> Any:
-    visual_embed = type(module).visual_embed  # type: ignore[attr-defined]
-    embeddings, masks, (patch_index, grid) = visual_embed(module, *args, **kwargs)
+def _recording_visual_embed(
+    found: list, visual_embed: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    embeddings, masks, (patch_index, grid) = visual_embed(*args, **kwargs)
     found.append((patch_index, (int(grid[0]), int(grid[1]))))
     return embeddings, masks, (patch_index, grid)
 

@@ -6,22 +6,31 @@ classes differ only in the consumer that receives each layer's ``(A, dA)``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import CallRecord, Consumer, Recorder, capture_attention
+from ..capture import (
+    CallRecord,
+    Consumer,
+    Dependencies,
+    Recorder,
+    capture_attention,
+    module_scope,
+    warn_if_training,
+)
 from ._captum import TargetType, _run_forward, _select_targets
 
 NOTHING_CAPTURED = (
-    "No attention was captured while running the model. captum_chefer sees attention that "
-    "goes through torch.nn.functional.scaled_dot_product_attention (Hugging Face at 'sdpa' or "
-    "'eager', timm, nn.MultiheadAttention, nn.TransformerEncoder, custom code), and "
-    "probabilities passed to captum_chefer.mark_attention(). {hint}"
+    "No attention was captured while running the model. captum_chefer sees attention computed "
+    "on this thread through torch.nn.functional.scaled_dot_product_attention or a softmax over "
+    "the last dimension of a (B, H, Nq, Nk) tensor (Hugging Face at 'sdpa' or 'eager', timm, "
+    "nn.MultiheadAttention, custom code), and probabilities passed to "
+    "captum_chefer.mark_attention(). {hint}"
 )
 
 
@@ -32,7 +41,8 @@ class Trace:
     Attributes:
         output: the model's output, detached.
         target: the target that was explained (the argmax when none was given).
-        records: the attention calls, in forward order.
+        records: the attention calls the explained output depends on, in forward order.
+        dependencies: which of those calls each call's inputs depend on.
         valid: bool ``(B, N)``, False at padding keys of the first attention layer.
         causal: whether the first attention layer is causal.
     """
@@ -40,6 +50,7 @@ class Trace:
     output: Tensor
     target: TargetType
     records: list[CallRecord]
+    dependencies: Dependencies
     valid: Tensor
     causal: Tensor | bool
 
@@ -53,34 +64,83 @@ def trace_attention(
     consumer: Consumer | None,
     before_backward: Callable[[Trace], None] = lambda trace: None,
     block_bytes: int | None = None,
+    scope_modules: bool = False,
 ) -> Trace:
     """Run ``forward_func`` with attention captured, then back-propagate the selected output.
 
     The backward computes only what the consumer needs: gradients flow to a shared anchor
-    leaf, never into parameters' ``.grad``, and stop at the first attention layer.
+    leaf per device, never into parameters' ``.grad``, and stop at the first attention layer.
+    Calls the selected output does not depend on are dropped (they add nothing); with
+    ``scope_modules`` every call is tagged with the module that made it.
     """
-    if model is not None and model.training:
-        warnings.warn(
-            "The model is in training mode: dropout makes the relevance random. Call "
-            "model.eval() first; captum_chefer does not change the mode for you.",
-            stacklevel=3,
-        )
+    check_context(inputs, additional_forward_args)
     recorder = Recorder(consumer, block_bytes)
-    with torch.enable_grad(), capture_attention(model, recorder):
-        output = _as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
+    with torch.enable_grad():
+        with ExitStack() as stack:
+            if scope_modules:
+                stack.enter_context(module_scope(model, recorder))
+            stack.enter_context(capture_attention(model, recorder))
+            output = _as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
+        warn_if_training(model, recorder, stacklevel=4)
         if not recorder.records:
             raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
         target = _default_target(output, target)
-        selected = _select_targets(output, target)
-        trace = Trace(output.detach(), target, recorder.records, *_validity(recorder.records[0]))
-        before_backward(trace)
-        if not selected.requires_grad:
+        selected = select_one_per_example(output, target)
+        dependencies = recorder.keep_on_path(selected)
+        if not recorder.records:
             raise RuntimeError(
-                "The selected output does not depend on any captured attention; check that "
-                "forward_func runs the model given as model=."
+                "The selected output does not depend on any captured attention call; check "
+                "that forward_func runs the model given as model=, and that the output is not "
+                "detached from it."
             )
-        torch.autograd.grad(selected.sum(), recorder.anchor, allow_unused=True)
+        records = recorder.records
+        trace = Trace(output.detach(), target, records, dependencies, *_validity(records[0]))
+        before_backward(trace)
+        anchors = list(recorder.anchors.values())
+        torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
     return trace
+
+
+def check_context(inputs: tuple[Tensor, ...], additional_forward_args: Any) -> None:
+    """Fail clearly where no gradient can be computed: ``torch.inference_mode``."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "attribute() was called inside torch.inference_mode(), where no gradient can be "
+            "computed. Call it outside inference_mode (torch.no_grad() is fine: the "
+            "attribution enables gradients for its own forward)."
+        )
+    extra = additional_forward_args if isinstance(additional_forward_args, tuple) else (
+        additional_forward_args,
+    )
+    for tensor in (*inputs, *extra):
+        if isinstance(tensor, Tensor) and tensor.is_inference():
+            raise RuntimeError(
+                "An input was created under torch.inference_mode(), so autograd cannot use it. "
+                "Pass a copy made outside inference_mode: tensor.clone()."
+            )
+
+
+def select_one_per_example(output: Tensor, target: TargetType) -> Tensor:
+    """Captum's target selection, checked to give one value per example.
+
+    Example:
+        >>> select_one_per_example(torch.arange(6.0).view(2, 3), 1)
+        tensor([1., 4.])
+    """
+    selected = _select_targets(output, target)
+    if selected.numel() != output.shape[0]:
+        raise ValueError(
+            f"target={target!r} selects a {tuple(selected.shape)} tensor from the output of "
+            f"shape {tuple(output.shape)}, not one value per example. Pass a target that picks "
+            "one value, e.g. a tuple target=(i, j) for output[:, i, j], or make forward_func "
+            "return one score per class."
+        )
+    if not selected.requires_grad:
+        raise RuntimeError(
+            "The selected output does not depend on any captured attention; check that "
+            "forward_func runs the model given as model=."
+        )
+    return selected
 
 
 def _as_tensor(output: Any) -> Tensor:
@@ -138,14 +198,8 @@ def key_validity(record: CallRecord) -> Tensor:
 
 
 def _hint(model: nn.Module | None) -> str:
-    if model is None:
-        return "forward_func is not an nn.Module: pass model= so that its attention can be found."
-    config = getattr(model, "config", None)
-    name = getattr(config, "_attn_implementation", None)
-    if name is not None:
-        return f"The Hugging Face model uses attn_implementation={name!r}; load it with 'sdpa'."
     return (
-        "If the model uses flash-attn or another kernel, switch it to "
-        "torch.nn.functional.scaled_dot_product_attention, or call mark_attention() on the "
-        "softmax output in its attention code."
+        "If the model computes attention in another kernel (flash-attn, xformers, a compiled or "
+        "scripted module), switch it to torch.nn.functional.scaled_dot_product_attention, or "
+        "call captum_chefer.mark_attention() on the softmax output in its attention code."
     )

@@ -1,56 +1,56 @@
-"""How attention and its gradient are obtained, reversibly.
+"""How attention and its gradient are obtained, reversibly, on the calling thread only.
 
-Each route is a context manager ``route(model)`` in a file of its own; :func:`capture_attention`
-enters all of them, in registry order, around one attribution, and leaves the model exactly as
-it found it.
+:func:`capture_attention` runs a block with attention captured into a recorder: the
+torch-function mode of :mod:`~captum_chefer.capture.mode` sees every attention call made on this
+thread, and models that opt in call :func:`mark_attention`. Models whose attention runs in a
+kernel the mode cannot see are refused first (:mod:`~captum_chefer.capture.implementations`).
+Nothing on the model is replaced or switched; the mode is popped in ``finally``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
-from .handwritten import handwritten_route
-from .huggingface import huggingface_route
+from .graph import Dependencies
+from .implementations import check_attention_implementations
+from .mode import AttentionMode, warn_if_training
 from .modules import module_scope
-from .multihead import multihead_route
+from .patches import scoped_method
 from .protocol import mark_attention
 from .recorder import CallRecord, Consumer, Recorder, active_recorder, recording
-from .sdpa import sdpa_route
-from .timm import timm_route
-
-Route = Callable[[nn.Module | None], AbstractContextManager[None]]
-
-ROUTES: list[Route] = [
-    sdpa_route,
-    huggingface_route,
-    timm_route,
-    multihead_route,
-    handwritten_route,
-]
-"""The capture routes, entered in this order. The protocol route needs no entry: the model calls
-:func:`mark_attention` itself."""
 
 
 @contextmanager
 def capture_attention(model: nn.Module | None, recorder: Recorder) -> Iterator[Recorder]:
-    """Capture every attention call of ``model`` into ``recorder`` while the block runs."""
-    with ExitStack() as stack:
-        for route in ROUTES:
-            stack.enter_context(route(model))
-        stack.enter_context(recording(recorder))
+    """Capture every attention call made on this thread into ``recorder`` while the block runs.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        >>> recorder = Recorder()
+        >>> with capture_attention(layer, recorder):
+        ...     _ = layer(torch.randn(1, 3, 8))
+        >>> [record.shape for record in recorder.records]
+        [(1, 2, 3, 3)]
+    """
+    check_attention_implementations(model)
+    with recording(recorder), AttentionMode(recorder):
         yield recorder
 
 
 __all__ = [
-    "ROUTES",
+    "AttentionMode",
     "CallRecord",
     "Consumer",
+    "Dependencies",
     "Recorder",
     "active_recorder",
     "capture_attention",
     "mark_attention",
     "module_scope",
+    "scoped_method",
+    "warn_if_training",
 ]

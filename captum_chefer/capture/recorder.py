@@ -13,6 +13,11 @@ Either way the backward pass hands ``(A, dA)`` blocks to a :class:`Consumer`, la
 last layer first, and nothing else about the model's gradients changes. A shared leaf, the
 *anchor*, is an input of every captured call, so ``torch.autograd.grad(output, anchor)`` runs
 exactly the backward the relevance needs: no parameter gradients, nothing below the first layer.
+A model split over several devices gets one anchor per device, so no layer is cut off.
+
+After the forward, :meth:`Recorder.keep_on_path` checks which calls the explained output
+depends on (see :mod:`~captum_chefer.capture.graph`) and keeps only those, renumbered in
+forward order: a call the output does not depend on has ``dA = 0`` and adds nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..core.attention import AttentionCall, attention_backward, block_rows_for
+from .graph import Dependencies, dependencies
 
 
 class Consumer(Protocol):
@@ -53,6 +59,10 @@ class CallRecord:
     module: str | None = None
     """Qualified name of the innermost module running when the call was made; set only inside
     :func:`~captum_chefer.capture.modules.module_scope`."""
+    node: Any = None
+    """The autograd node of the captured output, for the dependency checks."""
+    depends_on_captured: bool = True
+    """Whether a captured call lies below this one (else no input gradient is needed)."""
 
     def allowed(self) -> Tensor | None:
         """Bool ``(B|1, H|1, Nq, Nk)`` of attended positions, or None when all are."""
@@ -68,17 +78,53 @@ class Recorder:
 
     consumer: Consumer | None = None
     block_bytes: int | None = None
-    anchor: Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
+    anchors: dict[torch.device, Tensor] = field(default_factory=dict)
+    """One gradient leaf per device that attention ran on."""
     records: list[CallRecord] = field(default_factory=list)
     scope: list[str] = field(default_factory=list)
     """Names of the modules running now, outermost first (see ``module_scope``)."""
+    dropout_active: bool = False
+    """Whether the forward applied dropout (training mode): the relevance is then random."""
+    _outputs: dict[int, Tensor] = field(default_factory=dict)
+
+    def anchor(self, device: torch.device) -> Tensor:
+        """The gradient leaf of ``device``, made on first use."""
+        if device not in self.anchors:
+            self.anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return self.anchors[device]
 
     def _new_record(self, shape: tuple[int, int, int, int], device: torch.device) -> CallRecord:
-        if self.anchor.device != device:
-            self.anchor = torch.zeros((), device=device, requires_grad=True)
         record = CallRecord(len(self.records), shape, module=self.scope[-1] if self.scope else None)
         self.records.append(record)
         return record
+
+    def _keep(self, record: CallRecord, output: Tensor) -> Tensor:
+        record.node = output.grad_fn
+        self._outputs[id(output)] = output
+        return output
+
+    def is_captured(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is the output of a call already captured (no double capture)."""
+        return self._outputs.get(id(tensor)) is tensor
+
+    def keep_on_path(self, output: Tensor) -> Dependencies:
+        """Keep only the calls ``output`` depends on, renumbered in forward order.
+
+        Returns the dependencies in the new numbering.
+        """
+        found = dependencies(output, [record.node for record in self.records])
+        renumber = {old: new for new, old in enumerate(found.on_path)}
+        kept = [self.records[old] for old in found.on_path]
+        for record in kept:
+            record.depends_on_captured = bool(found.below[record.index])
+            record.index = renumber[record.index]
+        self.records[:] = kept
+        self._outputs.clear()
+        below = {
+            renumber[old]: frozenset(renumber[i] for i in calls if i in renumber)
+            for old, calls in found.below.items()
+        }
+        return Dependencies(tuple(range(len(kept))), below)
 
     def attention(
         self,
@@ -89,23 +135,31 @@ class Recorder:
         """Run ``kernel(q, k, v, attn_mask=mask, **kernel_kwargs)`` and capture it for backward."""
         record = self._new_record(call.shape, call.query.device)
         record.call = call
-        return _CapturedKernel.apply(
+        output = _CapturedKernel.apply(
             self,
             record,
             kernel,
             kernel_kwargs,
-            self.anchor,
+            self.anchor(call.query.device),
             call.query,
             call.key,
             call.value,
             call.mask,
         )
+        return self._keep(record, output)
 
     def probabilities(self, probs: Tensor) -> Tensor:
-        """Pass explicit probabilities ``(B, H, Nq, Nk)`` through; their backward sees ``dA``."""
+        """Pass explicit probabilities ``(B, H, Nq, Nk)`` through; their backward sees ``dA``.
+
+        Probabilities that are already a captured output pass unchanged (a model that calls
+        :func:`~captum_chefer.mark_attention` on a softmax the capture has already seen).
+        """
+        if self.is_captured(probs):
+            return probs
         record = self._new_record(tuple(probs.shape), probs.device)  # type: ignore[arg-type]
         record.probs = probs.detach()
-        return _CapturedProbs.apply(self, record, self.anchor, probs)
+        output = _CapturedProbs.apply(self, record, self.anchor(probs.device), probs)
+        return self._keep(record, output)
 
     def backward_call(self, record: CallRecord, call: AttentionCall, grad_output: Tensor):
         consumer = self.consumer
@@ -121,7 +175,7 @@ class Recorder:
             grad_output,
             feed if consumer is not None else None,
             block_rows_for(call, self.block_bytes),
-            need_input_grads=record.index > 0,
+            need_input_grads=record.depends_on_captured,
             key_prefix_blocks=getattr(consumer, "accepts_key_prefix_blocks", False),
         )
         if consumer is not None:

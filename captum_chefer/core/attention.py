@@ -103,13 +103,17 @@ def block_rows_for(call: AttentionCall, block_bytes: int | None = None) -> int:
 
 
 def attention_probs(
-    call: AttentionCall, rows: slice = slice(None), width: int | None = None
+    call: AttentionCall,
+    rows: slice = slice(None),
+    width: int | None = None,
+    differentiable: bool = False,
 ) -> Tensor:
     """Post-softmax attention ``(B, H, r, w)`` in float32 for the query ``rows``.
 
     ``width`` keeps only the first ``w`` keys (all by default); the softmax is exact when every
     later key is masked, as for a causal block (see :func:`causal_width`). Fully masked rows give
-    zeros rather than NaN.
+    zeros rather than NaN. With ``differentiable`` the result can be back-propagated through
+    (no step runs in place on a tensor autograd needs).
     """
     keys = slice(None, width)
     query = call.query[:, :, rows].float() * call.scale
@@ -121,7 +125,8 @@ def attention_probs(
     if allowed is None:
         return torch.softmax(scores, dim=-1)
     scores.masked_fill_(~allowed[..., keys], float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    probs = torch.softmax(scores, dim=-1)
+    return probs.nan_to_num(0.0) if differentiable else probs.nan_to_num_(0.0)
 
 
 def causal_width(call: AttentionCall, rows: slice) -> int | None:

@@ -1,0 +1,93 @@
+"""Which captured attention calls the explained output depends on, read off the autograd graph.
+
+The rules assume things about the model that can be checked cheaply once the forward has run:
+every captured call should lie on a path from the explained output back to the inputs, and the
+self-attention rule assumes the calls form one chain, each layer computed from the previous
+one. Both are questions about the autograd graph, answered here in one pass over it. The pass
+is linear in the number of graph nodes, which grows with the number of layers, not with the
+sequence length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+from torch.autograd.graph import Node
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """The captured calls reachable from the output, and which calls each one depends on.
+
+    Attributes:
+        on_path: indexes (forward order) of the calls the output depends on.
+        below: for each call on the path, the indexes of the captured calls its inputs depend on.
+    """
+
+    on_path: tuple[int, ...]
+    below: dict[int, frozenset[int]]
+
+    def chain_breaks(self) -> list[tuple[int, int]]:
+        """Consecutive calls ``(a, b)`` on the path where call ``b`` does not depend on ``a``.
+
+        Example:
+            >>> Dependencies((0, 1, 2), {0: frozenset(), 1: frozenset({0}), 2: frozenset()})
+            ... .chain_breaks()
+            [(1, 2)]
+        """
+        pairs = zip(self.on_path, self.on_path[1:])
+        return [(a, b) for a, b in pairs if a not in self.below[b]]
+
+
+def dependencies(output: Tensor, nodes: Sequence[Node | None]) -> Dependencies:
+    """Which of the captured calls, whose autograd ``nodes`` are given in forward order,
+    ``output`` depends on, and on which captured calls each of those depends.
+
+    Args:
+        output: the explained output (it must require grad).
+        nodes: the autograd node of each captured call's output (None for a call that does
+            not require grad).
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> a = x * 2
+        >>> b = a + 1
+        >>> c = x * 3
+        >>> deps = dependencies(b.sum(), [a.grad_fn, b.grad_fn, c.grad_fn])
+        >>> deps.on_path, sorted(deps.below[1])
+        ((0, 1), [0])
+    """
+    index = {node: i for i, node in enumerate(nodes) if node is not None}
+    below: dict[Node, int] = {}
+    root = output.grad_fn
+    if root is None:
+        return Dependencies((), {})
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in below:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in below)
+            continue
+        mask = 0
+        for child in children:
+            mask |= below[child]
+            if child in index:
+                mask |= 1 << index[child]
+        below[node] = mask
+    reach = below[root] | (1 << index[root] if root in index else 0)
+    on_path = tuple(i for i in range(len(nodes)) if reach >> i & 1)
+    return Dependencies(
+        on_path,
+        {i: _bits(below[nodes[i]]) for i in on_path},  # type: ignore[index]
+    )
+
+
+def _bits(mask: int) -> frozenset[int]:
+    return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)

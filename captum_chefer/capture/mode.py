@@ -1,0 +1,185 @@
+"""The capture route: a thread-local ``TorchFunctionMode`` that sees every attention call.
+
+While an attribution runs its forward, this mode is pushed on the calling thread's
+torch-function mode stack. It sees each call of a torch function made on that thread, however
+the function was imported (``from torch.nn.functional import scaled_dot_product_attention``
+included), and nothing on other threads; it is popped in ``finally``. Nothing on the model or
+in any module is replaced. The model runs as it was loaded:
+
+- ``scaled_dot_product_attention`` (Hugging Face at ``sdpa``, timm with ``fused_attn``, custom
+  code) is handed to the recorder, which runs the model's own fused kernel forward;
+- a softmax over the last dimension of a 4-D tensor ``(B, H, Nq, Nk)`` is the probabilities of
+  attention computed explicitly (Hugging Face at ``eager``, timm without ``fused_attn``, the
+  hand-written attention of ViLT, LXMERT, DeBERTa, …): its output passes through the recorder,
+  whose backward sees ``dA``;
+- ``nn.MultiheadAttention``'s functional core runs its SDPA branch (the weights it returns when
+  asked for are recomputed from the same query and key);
+- active dropout is noted, so that the attribution can warn that the map is random.
+
+Softmaxes over other shapes (a router's ``(tokens, experts)``, a classifier's output) pass
+through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..core.attention import AttentionCall, attention_probs
+from .recorder import Recorder
+
+_SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax, torch.special.softmax}
+_DROPOUT = {F.dropout, torch.dropout, torch.nn.functional.dropout1d, F.dropout2d}
+_SDPA = F.scaled_dot_product_attention
+_MHA = F.multi_head_attention_forward
+_SDPA_ARGS = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+    enable_gqa=False: None
+)
+
+
+class AttentionMode(TorchFunctionMode):
+    """Hands the attention calls made on this thread to ``recorder`` (see the module docs)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return captured_sdpa(self.recorder, *args, **kwargs)
+        if func in _SOFTMAX:
+            return self._softmax(func, args, kwargs)
+        if func is _MHA:
+            return _multi_head_attention(self.recorder, args, kwargs)
+        if func in _DROPOUT:
+            self._note_dropout(args, kwargs)
+        return func(*args, **kwargs)
+
+    def _softmax(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        probs = func(*args, **kwargs)
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if isinstance(probs, Tensor) and probs.dim() == 4 and dim in (-1, 3):
+            return self.recorder.probabilities(probs)
+        return probs
+
+    def _note_dropout(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        if training and p > 0:
+            self.recorder.dropout_active = True
+
+
+def captured_sdpa(recorder: Recorder, *args: Any, **kwargs: Any) -> Tensor:
+    """``scaled_dot_product_attention`` whose call is handed to ``recorder``.
+
+    3-D inputs ``(B, N, D)`` are one head; they are captured as ``(B, 1, N, D)``.
+    """
+    bound = _SDPA_ARGS.bind(*args, **kwargs).arguments
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    if query.dim() == 3:
+        squeezed = {**bound, "query": query[:, None], "key": key[:, None], "value": value[:, None]}
+        mask = bound.get("attn_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 3:
+            squeezed["attn_mask"] = mask[:, None]
+        return captured_sdpa(recorder, **squeezed)[:, 0]
+    if query.dim() != 4 or query.is_nested:
+        raise RuntimeError(
+            "scaled_dot_product_attention was called with a query of shape "
+            f"{tuple(query.shape)}; captum_chefer captures (B, H, N, D) or (B, N, D) calls. "
+            "Call it with the heads in their own dimension."
+        )
+    scale = bound.get("scale")
+    is_causal = bool(bound.get("is_causal", False))
+    call = AttentionCall(
+        query,
+        key,
+        value,
+        bound.get("attn_mask"),
+        is_causal,
+        scale if scale is not None else query.shape[-1] ** -0.5,
+    )
+    dropout_p = float(bound.get("dropout_p", 0.0))
+    if dropout_p > 0.0:
+        recorder.dropout_active = True
+        return _explicit_attention(recorder, call, dropout_p)
+    kernel_kwargs: dict[str, Any] = {"is_causal": is_causal, "scale": scale}
+    if key.shape[1] != query.shape[1]:
+        kernel_kwargs["enable_gqa"] = True
+    return recorder.attention(_SDPA, call, kernel_kwargs)
+
+
+def _explicit_attention(recorder: Recorder, call: AttentionCall, dropout_p: float) -> Tensor:
+    """Attention dropout is random: materialise ``A`` so that its backward sees the same draw."""
+    probs = recorder.probabilities(attention_probs(call, differentiable=True).to(call.query.dtype))
+    heads = call.query.shape[1]
+    value = call.value.repeat_interleave(heads // call.value.shape[1], dim=1)
+    return torch.matmul(F.dropout(probs, p=dropout_p, training=True), value)
+
+
+def _multi_head_attention(recorder: Recorder, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``multi_head_attention_forward`` through its SDPA branch, which the recorder sees.
+
+    Runs torch's own function with two of its global names rebound for this call only: the
+    torch-function check (this mode already dispatched it) and the SDPA it calls. The weights
+    the caller asked for are recomputed from the captured query and key.
+    """
+    bound = inspect.signature(_MHA).bind(*args, **kwargs).arguments
+    need_weights = bound.pop("need_weights", True)
+    average = bound.pop("average_attn_weights", True)
+    output, _ = _mha_through(recorder)(**bound, need_weights=False)
+    if not need_weights:
+        return output, None
+    call = recorder.records[-1].call
+    assert call is not None
+    weights = attention_probs(call).to(output.dtype)
+    if average:
+        weights = weights.mean(1)
+    if bound["query"].dim() == 2:
+        weights = weights.squeeze(0)
+    return output, weights
+
+
+def _mha_through(recorder: Recorder) -> Callable[..., Any]:
+    namespace = {
+        **_MHA.__globals__,
+        "has_torch_function": lambda *args: False,
+        "scaled_dot_product_attention": functools.partial(captured_sdpa, recorder),
+    }
+    return types.FunctionType(_MHA.__code__, namespace, _MHA.__name__, _MHA.__defaults__)
+
+
+def warn_if_training(model: nn.Module | None, recorder: Recorder, stacklevel: int) -> None:
+    """Warn when the model ran in training mode, judged by what ran, not by a wrapper's flag.
+
+    Dropout that was applied makes the relevance random; otherwise a leaf module (a layer with
+    no children: not ``DataParallel`` or another wrapper) in training mode is reported.
+    """
+    leaves = [m for m in (model.modules() if model is not None else ()) if not any(m.children())]
+    if recorder.dropout_active:
+        detail = "dropout was applied, so the relevance is random"
+    elif any(module.training for module in leaves):
+        detail = "no dropout was applied, but other layers may behave as in training"
+    else:
+        return
+    warnings.warn(
+        f"The model is in training mode: {detail}. Call model.eval() first for the "
+        "explanation of the deployed model; captum_chefer does not change the mode for you.",
+        stacklevel=stacklevel,
+    )
