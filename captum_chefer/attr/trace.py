@@ -33,6 +33,11 @@ NOTHING_CAPTURED = (
     "captum_chefer.mark_attention(). {hint}"
 )
 
+NOT_ON_PATH = (
+    "The selected output does not depend on any captured attention call; check that "
+    "forward_func runs the model, and that its output is not detached from it."
+)
+
 
 @dataclass
 class Trace:
@@ -86,13 +91,11 @@ def trace_attention(
             raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
         target = _default_target(output, target)
         selected = select_one_per_example(output, target)
+        if not selected.requires_grad:
+            raise RuntimeError(NOT_ON_PATH)
         dependencies = recorder.keep_on_path(selected)
         if not recorder.records:
-            raise RuntimeError(
-                "The selected output does not depend on any captured attention call; check "
-                "that forward_func runs the model given as model=, and that the output is not "
-                "detached from it."
-            )
+            raise RuntimeError(NOT_ON_PATH)
         records = recorder.records
         trace = Trace(output.detach(), target, records, dependencies, *_validity(records[0]))
         before_backward(trace)
@@ -134,11 +137,6 @@ def select_one_per_example(output: Tensor, target: TargetType) -> Tensor:
             f"shape {tuple(output.shape)}, not one value per example. Pass a target that picks "
             "one value, e.g. a tuple target=(i, j) for output[:, i, j], or make forward_func "
             "return one score per class."
-        )
-    if not selected.requires_grad:
-        raise RuntimeError(
-            "The selected output does not depend on any captured attention; check that "
-            "forward_func runs the model given as model=."
         )
     return selected
 

@@ -33,8 +33,8 @@ class Dependencies:
         """Consecutive calls ``(a, b)`` on the path where call ``b`` does not depend on ``a``.
 
         Example:
-            >>> Dependencies((0, 1, 2), {0: frozenset(), 1: frozenset({0}), 2: frozenset()})
-            ... .chain_breaks()
+            >>> below = {0: frozenset(), 1: frozenset({0}), 2: frozenset()}
+            >>> Dependencies((0, 1, 2), below).chain_breaks()
             [(1, 2)]
         """
         pairs = zip(self.on_path, self.on_path[1:])
