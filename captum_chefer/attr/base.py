@@ -68,6 +68,7 @@ class AttentionAttribution(GradientAttribution):
         def prepare(trace: Trace) -> None:
             check_self_attention(trace, type(self).__name__)
             start = token_start_rows(token_index, trace.valid, trace.causal)
+            check_something_left(start, trace.valid, self_relevance)
             prefix = _prefix_tokens(trace, inputs_tuple, num_prefix_tokens, patch_grid)
             reader.prepare(ReadSetup(start, trace.valid, len(trace.records), prefix))
 
@@ -113,6 +114,16 @@ class AttentionAttribution(GradientAttribution):
     @property
     def multiplies_by_inputs(self) -> bool:
         return False
+
+
+def check_something_left(start: Tensor, valid: Tensor, self_relevance: SelfRelevance) -> None:
+    """Refuse ``self_relevance="zero"`` where it would zero every real token of an example."""
+    if self_relevance == "zero" and bool(((start > 0) | ~valid).all(1).any()):
+        raise ValueError(
+            "self_relevance='zero' zeroes the read token, and in some examples it is the only "
+            "real token, so their map would be all zeros; pass self_relevance='keep' or "
+            "'subtract', or explain a longer input."
+        )
 
 
 def check_output(output: str) -> None:

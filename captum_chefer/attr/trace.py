@@ -112,8 +112,10 @@ def check_context(inputs: tuple[Tensor, ...], additional_forward_args: Any) -> N
             "computed. Call it outside inference_mode (torch.no_grad() is fine: the "
             "attribution enables gradients for its own forward)."
         )
-    extra = additional_forward_args if isinstance(additional_forward_args, tuple) else (
-        additional_forward_args,
+    extra = (
+        additional_forward_args
+        if isinstance(additional_forward_args, tuple)
+        else (additional_forward_args,)
     )
     for tensor in (*inputs, *extra):
         if isinstance(tensor, Tensor) and tensor.is_inference():

@@ -42,8 +42,9 @@ _DROPOUT = {F.dropout, torch.dropout, torch.nn.functional.dropout1d, F.dropout2d
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
 _SDPA_ARGS = inspect.signature(
-    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-    enable_gqa=False: None
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: (
+        None
+    )
 )
 
 

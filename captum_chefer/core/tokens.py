@@ -32,11 +32,13 @@ def token_start_rows(token_index: TokenIndex, valid: Tensor, causal: bool | Tens
         tensor([[0.5000, 0.5000, 0.0000]])
     """
     batch, size = valid.shape
+    _check_has_real_tokens(valid)
     positions = torch.arange(size, device=valid.device).expand(batch, size)
     if isinstance(token_index, str):
         if token_index == "mean":
             weights = valid.float()
-            return weights / weights.sum(1, keepdim=True).clamp_min(1.0)
+            _check_reads_real_tokens(weights, valid, token_index)
+            return weights / weights.sum(1, keepdim=True)
         if token_index != "auto":
             raise ValueError(
                 f"token_index={token_index!r} is not understood; use 'auto', 'mean', an int, "
@@ -60,8 +62,35 @@ def token_start_rows(token_index: TokenIndex, valid: Tensor, causal: bool | Tens
         raise TypeError(
             f"token_index must be 'auto', 'mean', an int or a LongTensor, not {token_index!r}"
         )
+    if bool(((index < -size) | (index >= size)).any()):
+        raise IndexError(
+            f"token_index={token_index!r} is outside the {size} tokens the model attends over; "
+            f"pass an index in [-{size}, {size})."
+        )
     index = torch.where(index < 0, index + size, index)
-    return F.one_hot(index.clamp(0, size - 1), size).float()
+    rows = F.one_hot(index, size).float()
+    _check_reads_real_tokens(rows, valid, token_index)
+    return rows
+
+
+def _check_has_real_tokens(valid: Tensor) -> None:
+    """Refuse an example with no real token."""
+    empty = ~valid.any(1)
+    if bool(empty.any()):
+        examples = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"Examples {examples} have no real token (all padding in the attention mask), so "
+            "they have no relevance to explain; remove them from the batch."
+        )
+
+
+def _check_reads_real_tokens(rows: Tensor, valid: Tensor, token_index: TokenIndex) -> None:
+    """Refuse a read row that is padding."""
+    if bool(((rows > 0) & ~valid).any()):
+        raise ValueError(
+            f"token_index={token_index!r} reads a padding position in some examples; read a "
+            "real token (token_index='auto' picks the first, or the last for causal models)."
+        )
 
 
 def apply_self_relevance(added: Tensor, start: Tensor, self_relevance: SelfRelevance) -> Tensor:

@@ -1,0 +1,325 @@
+"""Trustworthy capture: every thread, every way attention is called, and loud refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+
+import models
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import assert_close, one_hot_rows, read_rows, relevance_matrix
+from torch import nn
+from torch.nn.functional import scaled_dot_product_attention as bound_sdpa
+
+from captum_chefer import AttentionGradCAM, CheferRelevance, RawAttention
+from captum_chefer.capture import Recorder
+from captum_chefer.core.attention import AttentionCall
+
+
+def _ids(batch=2, size=7, seed=3):
+    return torch.randint(3, 120, (batch, size), generator=torch.Generator().manual_seed(seed))
+
+
+def _bert_explainer(model):
+    return CheferRelevance(lambda ids, mask: model(ids, attention_mask=mask).logits, model)
+
+
+def _no_capture_left():
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+class BoundSdpaModel(nn.Module):
+    """Attention through a name bound at import, 3-D single-head or 4-D multi-head calls."""
+
+    def __init__(self, heads: int, dim: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.embed = nn.Embedding(50, dim)
+        self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(layers)])
+        self.head = nn.Linear(dim, 3)
+        self.keep: list[torch.Tensor] | None = None
+
+    def attend(self, q, k, v):
+        if self.keep is None:
+            return bound_sdpa(q, k, v)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+        attn.retain_grad()
+        self.keep.append(attn)
+        return attn @ v
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        batch, size, dim = x.shape
+        for qkv in self.qkv:
+            q, k, v = qkv(x).chunk(3, -1)
+            if self.heads > 1:
+                q, k, v = (
+                    t.reshape(batch, size, self.heads, -1).transpose(1, 2) for t in (q, k, v)
+                )
+            out = self.attend(q, k, v)
+            if self.heads > 1:
+                out = out.transpose(1, 2).reshape(batch, size, dim)
+            x = torch.tanh(x + out)
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("heads", [1, 4], ids=["3-D single head", "4-D"])
+def test_sdpa_bound_at_import_and_3d_calls_are_captured_exactly(heads):
+    model = BoundSdpaModel(heads).eval()
+    ids = _ids(seed=4) % 50
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token")
+    reference = copy.deepcopy(model).double()
+    reference.keep = []
+    reference(ids)[:, 1].sum().backward()
+    maps = [a.detach() if a.dim() == 4 else a.detach()[:, None] for a in reference.keep]
+    grads = [a.grad if a.dim() == 4 else a.grad[:, None] for a in reference.keep]
+    expected = read_rows(relevance_matrix(maps, grads), one_hot_rows([0, 0], 7))
+    assert_close(ours, expected)
+
+
+def test_threads_attributing_at_once_get_the_sequential_results():
+    models_and_inputs = [
+        (models.bert("sdpa"), _ids(seed=5)),
+        (models.bert("eager"), _ids(seed=6)),
+    ]
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    expected = [
+        [_bert_explainer(m).attribute(ids, t, (mask,)) for t in range(3)]
+        for m, ids in models_and_inputs
+    ]
+    plain = [m(ids, attention_mask=mask).logits.detach() for m, ids in models_and_inputs]
+    failures: list[str] = []
+    barrier = threading.Barrier(5)
+
+    def attribute(which: int, target: int) -> None:
+        model, ids = models_and_inputs[which]
+        barrier.wait()
+        for _ in range(4):
+            result = _bert_explainer(model).attribute(ids, target, (mask,))
+            if not torch.equal(result, expected[which][target]):
+                failures.append(f"model {which}, target {target}: differs from sequential")
+
+    def plain_forward() -> None:
+        barrier.wait()
+        for _ in range(8):
+            for (model, ids), logits in zip(models_and_inputs, plain):
+                with torch.no_grad():
+                    if not torch.equal(model(ids, attention_mask=mask).logits, logits):
+                        failures.append("a plain forward on another thread changed")
+
+    threads = [threading.Thread(target=attribute, args=(i % 2, i % 3)) for i in range(4)]
+    threads.append(threading.Thread(target=plain_forward))
+    errors: list[BaseException] = []
+
+    def run(thread_target):
+        def wrapped(*args):
+            try:
+                thread_target(*args)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        return wrapped
+
+    for thread in threads:
+        thread._target = run(thread._target)  # type: ignore[attr-defined]
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert not failures, failures
+    _no_capture_left()
+    for model, _ in models_and_inputs:
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_multihead_attention_on_threads_leaves_no_wrapper():
+    model = models.EncoderClassifier().eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    expected = CheferRelevance(model).attribute(x, 0)
+    results: list[torch.Tensor] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(CheferRelevance(model).attribute(x, 0)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(torch.equal(r, expected) for r in results)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    _no_capture_left()
+
+
+def test_siamese_forward_is_refused_and_the_suggested_fix_works():
+    model = models.HandModel().eval()
+    a, b = _ids(seed=7) % 50, _ids(seed=8) % 50
+
+    def siamese(x, y):
+        return F.cosine_similarity(model(x), model(y))[:, None]
+
+    with pytest.raises(ValueError, match="siamese"):
+        CheferRelevance(siamese, model).attribute((a, b))
+    fixed = CheferRelevance(
+        lambda x: F.cosine_similarity(model(x), model(b).detach())[:, None], model
+    )
+    ours = fixed.attribute(a, output="token")
+    reference = copy.deepcopy(model).double()
+    for block in reference.blocks:
+        block.keep = []
+    F.cosine_similarity(reference(a), reference(b).detach()).sum().backward()
+    kept = reference.blocks[0].keep
+    maps = [block.keep[0] for block in reference.blocks]
+    expected = relevance_matrix([m.detach() for m in maps], [m.grad for m in maps])
+    assert len(kept) == 2  # both branches ran through every block
+    assert_close(ours, read_rows(expected, one_hot_rows([0, 0], 7)))
+
+
+def test_read_out_from_an_earlier_layer_uses_the_layers_it_depends_on():
+    model = models.bert("eager")
+    ids = _ids(seed=9)
+
+    def early(ids):
+        return model(ids, output_hidden_states=True).hidden_states[2][:, 0, :3]
+
+    raw = RawAttention(early, model).attribute(ids, 0, output="token", self_relevance="keep")
+    reference = copy.deepcopy(model).double()
+    output = reference(ids, output_attentions=True, output_hidden_states=True)
+    assert_close(raw, output.attentions[1][:, :, 0].mean(1))
+    cam = AttentionGradCAM(early, model).attribute(ids, 0, output="token")
+    assert cam.shape == (2, 7)
+    attentions = list(output.attentions[:2])
+    for attention in attentions:
+        attention.retain_grad()
+    output.hidden_states[2][:, 0, 0].sum().backward()
+    expected = read_rows(
+        relevance_matrix([a.detach() for a in attentions], [a.grad for a in attentions]),
+        one_hot_rows([0, 0], 7),
+    )
+    assert_close(CheferRelevance(early, model).attribute(ids, 0, output="token"), expected)
+
+
+def test_training_mode_with_a_padded_batch_runs_and_warns():
+    model = models.bert("sdpa").train()
+    ids, mask = _ids(seed=10), torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    with pytest.warns(UserWarning, match="training mode: dropout was applied"):
+        relevance = _bert_explainer(model).attribute(ids, 0, (mask,))
+    assert (relevance[1, 4:] == 0).all() and torch.isfinite(relevance).all()
+    assert model.training
+
+
+def test_wrapper_in_training_mode_over_an_eval_model_does_not_warn(recwarn):
+    model = models.bert("sdpa")
+    wrapper = nn.DataParallel(model).train()
+    model.eval()
+    ids = _ids(seed=11)
+    ours = CheferRelevance(lambda i: wrapper(i).logits, wrapper).attribute(ids, 1)
+    assert_close(ours, CheferRelevance(lambda i: model(i).logits, model).attribute(ids, 1))
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
+
+
+def test_compiled_model_is_explained_through_its_original_module():
+    model = models.EncoderClassifier().eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model)
+    assert_close(CheferRelevance(compiled).attribute(x, 1), CheferRelevance(model).attribute(x, 1))
+
+
+def test_inference_mode_is_named():
+    model = models.EncoderClassifier().eval()
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        CheferRelevance(model).attribute(x, 0)
+    with torch.inference_mode():
+        frozen = torch.randn(2, 5, 16)
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        CheferRelevance(model).attribute(frozen, 0)
+
+
+def test_bad_inputs_are_refused_not_clamped_or_zeroed():
+    model = models.bert("sdpa")
+    explainer = _bert_explainer(model)
+    ids, mask = _ids(seed=12), torch.ones(2, 7, dtype=torch.long)
+    with pytest.raises(IndexError, match="outside the 7 tokens"):
+        explainer.attribute(ids, 0, (mask,), token_index=7)
+    with pytest.raises(IndexError, match="outside"):
+        explainer.attribute(ids, 0, (mask,), token_index=torch.tensor([0, -8]))
+    padded = mask.clone()
+    padded[1] = 0
+    with pytest.raises(ValueError, match=r"Examples \[1\] have no real token"):
+        explainer.attribute(ids, 0, (padded,))
+    padded[1, :3] = 1
+    with pytest.raises(ValueError, match="reads a padding position"):
+        explainer.attribute(ids, 0, (padded,), token_index=5)
+    single = ids[:, :1]
+    with pytest.raises(ValueError, match="only real token"):
+        explainer.attribute(single, 0, (mask[:, :1],), self_relevance="zero")
+
+
+def test_int_target_on_a_multi_value_output_is_refused():
+    model = models.bert("sdpa")
+    explainer = CheferRelevance(lambda ids: model(ids).logits[:, None].expand(-1, 2, -1), model)
+    with pytest.raises(ValueError, match="not one value per example"):
+        explainer.attribute(_ids(seed=13), target=1)
+    ok = explainer.attribute(_ids(seed=13), target=(0, 1))
+    assert_close(
+        ok, CheferRelevance(lambda ids: model(ids).logits, model).attribute(_ids(seed=13), 1)
+    )
+
+
+def test_unseen_kernel_is_refused_and_the_suggested_switch_works():
+    model = models.bert("sdpa")
+    ids = _ids(seed=14)
+    expected = CheferRelevance(lambda i: model(i).logits, model).attribute(ids, 2)
+    model.config._attn_implementation_internal = "flash_attention_2"
+    explainer = CheferRelevance(lambda i: model(i).logits, model)
+    with pytest.raises(RuntimeError, match=r"set_attn_implementation\('sdpa'\)"):
+        explainer.attribute(ids, 2)
+    model.set_attn_implementation("sdpa")
+    assert_close(explainer.attribute(ids, 2), expected)
+
+
+def test_falcon_with_alibi_is_explained_as_loaded_at_eager():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        alibi=True,
+        attn_implementation="eager",
+    )
+    model = FalconForCausalLM(config).eval()
+    ids = _ids(seed=15)
+    ours = CheferRelevance(lambda i: model(i).logits[:, -1], model).attribute(ids, 5)
+    reference = copy.deepcopy(model).double()
+    output = reference(ids, output_attentions=True)
+    attentions = list(output.attentions)
+    for attention in attentions:
+        attention.retain_grad()
+    output.logits[:, -1, 5].sum().backward()
+    maps = [a.detach() for a in attentions]
+    expected = read_rows(
+        relevance_matrix(maps, [a.grad for a in attentions]), one_hot_rows([6, 6], 7)
+    )
+    assert_close(ours, expected)
+
+
+def test_a_layer_on_each_device_keeps_its_own_anchor():
+    recorder = Recorder()
+    for device in ("cpu", "meta"):
+        q = torch.randn(1, 1, 2, 4, device=device, requires_grad=True)
+        call = AttentionCall(q, q, q, None, False, 0.5)
+        recorder.attention(F.scaled_dot_product_attention, call, {})
+    anchors = recorder.anchors
+    assert sorted(str(d) for d in anchors) == ["cpu", "meta"]
+    assert all(a.requires_grad and a.is_leaf for a in anchors.values())
