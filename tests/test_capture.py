@@ -323,3 +323,65 @@ def test_a_layer_on_each_device_keeps_its_own_anchor():
     anchors = recorder.anchors
     assert sorted(str(d) for d in anchors) == ["cpu", "meta"]
     assert all(a.requires_grad and a.is_leaf for a in anchors.values())
+
+
+def _tiny_swin():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    config = SwinConfig(
+        image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2
+    )
+    return SwinForImageClassification(config).eval()
+
+
+def _timm(name, **kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=3, **kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "size", "cause"),
+    [
+        (_tiny_swin, 16, "windowed attention"),
+        (
+            lambda: _timm(
+                "swin_tiny_patch4_window7_224", depths=(1, 1), num_heads=(2, 2), embed_dim=16
+            ),
+            224,
+            "windowed attention",
+        ),
+        (lambda: _timm("xcit_nano_12_p16_224", depth=1), 224, "channel attention"),
+        (lambda: _timm("cait_xxs24_224", depth=1, depth_token_only=1), 224, "class attention"),
+    ],
+    ids=["hf swin", "timm swin", "timm xcit", "timm cait"],
+)
+def test_attention_the_rule_does_not_define_is_refused_by_name(build, size, cause):
+    model = build()
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    forward = (lambda x: model(x).logits) if hasattr(model, "config") else model
+    with pytest.raises(ValueError, match=cause):
+        CheferRelevance(forward, model).attribute(pixels, 1)
+
+
+def test_siglip_probe_head_is_refused_and_the_dual_encoder_fix_works():
+    from transformers import SiglipConfig, SiglipModel
+
+    from captum_chefer import CheferDualEncoder
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=50, **tower),
+        vision_config=dict(image_size=16, patch_size=8, **tower),
+    )
+    model = SiglipModel(config).eval()
+    images, ids = torch.randn(2, 3, 16, 16), torch.randint(3, 50, (2, 5))
+    vision = lambda x: model.vision_model(x).pooler_output[:, :3]  # noqa: E731
+    with pytest.raises(ValueError, match="CheferDualEncoder"):
+        CheferRelevance(vision, model.vision_model).attribute(images, 0)
+    image_map, text = CheferDualEncoder(model).attribute((images, ids))
+    assert image_map.shape == (2, 3, 16, 16) and text.shape == (2, 5)
+    assert torch.isfinite(image_map).all() and image_map.abs().sum() > 0

@@ -162,47 +162,50 @@ def check_self_attention(trace: Trace, name: str) -> None:
     """
     shapes = sorted({record.shape for record in trace.records})
     batch = trace.output.shape[0] if trace.output.dim() else 1
-    if any(record.shape[0] != batch for record in trace.records):
-        raise ValueError(NOT_PER_EXAMPLE.format(name=name, shapes=shapes, batch=batch))
-    if any(record.shape[2] != record.shape[3] for record in trace.records):
-        raise ValueError(NOT_SELF_ATTENTION.format(name=name, shapes=shapes))
-    if len({record.shape[3] for record in trace.records}) != 1:
-        raise ValueError(NOT_ONE_SEQUENCE.format(name=name, shapes=shapes))
+    causes = [
+        cause
+        for cause, found in (
+            (WINDOWED.format(batch=batch), any(shape[0] != batch for shape in shapes)),
+            (NOT_SQUARE, any(shape[2] != shape[3] for shape in shapes)),
+            (MANY_LENGTHS, len({shape[3] for shape in shapes}) > 1),
+        )
+        if found
+    ]
+    if causes:
+        raise ValueError(
+            f"{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), which the "
+            f"self-attention rule does not define: {'; '.join(causes)}. {FIXES}"
+        )
     breaks = trace.dependencies.chain_breaks()
     if breaks:
         raise ValueError(NOT_A_CHAIN.format(name=name, after=breaks[0][0], layer=breaks[0][1]))
 
 
-_GRADIENT_METHOD = (
-    "explain this model with a gradient method instead, e.g. captum.attr.IntegratedGradients "
-    "or captum.attr.LayerGradCam."
+WINDOWED = (
+    "the explained output has {batch} examples but attention runs on other batch sizes, so "
+    "its rows cannot be matched to examples (windowed attention: Swin folds its windows into "
+    "the batch; or heads folded into the batch, (B*H, N, D) calls)"
 )
-NOT_PER_EXAMPLE = (
-    "{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), but the "
-    "explained output has {batch} examples, so attention rows cannot be matched to examples. "
-    "This is windowed attention (Swin folds its windows into the batch), or heads folded into "
-    "the batch ((B*H, N, D) calls). The rule is defined for token-to-token self-attention over "
-    "one sequence; " + _GRADIENT_METHOD
+NOT_SQUARE = (
+    "some calls have other queries than keys (class attention: CaiT; attention pooling with a "
+    "learned probe: SigLIP's vision head; cross-attention)"
 )
-NOT_SELF_ATTENTION = (
-    "{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), some with "
-    "queries other than their keys: class attention (CaiT), attention pooling with a learned "
-    "probe (SigLIP's vision head, attention-pool heads) or cross-attention. For a CLIP or SigLIP "
-    "model use CheferDualEncoder; for an encoder-decoder CheferEncoderDecoder; otherwise "
-    + _GRADIENT_METHOD
+MANY_LENGTHS = (
+    "calls attend over different numbers of tokens (channel attention: XCiT; tokens pooled or "
+    "merged between layers: Funnel, pyramid ViTs)"
 )
-NOT_ONE_SEQUENCE = (
-    "{name}: the model's attention calls attend over different numbers of tokens, shapes "
-    "{shapes} (B, H, Nq, Nk): channel attention (XCiT), or tokens pooled or merged between "
-    "layers (Funnel, pyramid ViTs). The self-attention rule needs one token sequence; "
-    + _GRADIENT_METHOD
+FIXES = (
+    "For a CLIP or SigLIP model use CheferDualEncoder, for an encoder-decoder "
+    "CheferEncoderDecoder; otherwise explain the model with a gradient method, e.g. "
+    "captum.attr.IntegratedGradients or captum.attr.LayerGradCam."
 )
 NOT_A_CHAIN = (
     "{name}: attention layer {layer} does not depend on layer {after}, so the captured layers "
-    "do not form the one chain the self-attention rule assumes. A siamese forward such as "
-    "cos(model(a), model(b)) runs the model twice: explain one branch at a time with the other "
-    "detached, e.g. CheferRelevance(lambda a: cos(model(a), model(b).detach()), model).attribute"
-    "(a). For models with several streams use CheferMultiModal."
+    "do not form the one chain the self-attention rule assumes. An encoder-decoder has two "
+    "streams: use CheferEncoderDecoder (two towers: CheferDualEncoder or CheferMultiModal). A "
+    "siamese forward such as cos(model(a), model(b)) runs the model twice: explain one branch "
+    "at a time with the other detached, e.g. CheferRelevance(lambda a: cos(model(a), "
+    "model(b).detach()), model).attribute(a)."
 )
 
 

@@ -20,10 +20,13 @@ class CheferRelevance(AttentionAttribution):
     selected (pre-softmax) output. From ``R = I``, ``R ← R + Abar_l·R``; the relevance is the row
     of ``R`` for the token the prediction is read from.
 
-    The model is used as it ships: fused SDPA attention, Hugging Face at any implementation,
-    timm, ``nn.MultiheadAttention`` and custom code that calls :func:`mark_attention`. Nothing on
-    the model is left changed. Only the needed row is formed, folded in as the gradients of each
-    layer arrive, from attention recomputed a block of query rows at a time.
+    The model runs exactly as it was loaded: fused SDPA attention or an explicit softmax
+    (Hugging Face at ``sdpa`` or ``eager``, timm, ``nn.MultiheadAttention``, custom code), seen
+    on the calling thread only; custom code may also call :func:`mark_attention`. Nothing on the
+    model is switched or left changed. Attention the rule does not define (windows, channel or
+    class attention, a siamese forward) is refused with the cause. On the fused path only the
+    needed row is formed, folded in as the gradients of each layer arrive, from attention
+    recomputed a block of query rows at a time.
 
     Args:
         forward_func: the model, or any callable returning a tensor (or an object with

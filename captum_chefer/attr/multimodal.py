@@ -47,7 +47,7 @@ from ._captum import (
     _is_tuple,
     log_usage,
 )
-from .base import check_output, module_or_none
+from .base import FIXES, WINDOWED, check_output, module_or_none
 from .streams import CO_ATTENTION, DUAL_ENCODER, ENCODER_DECODER, SINGLE_STREAM, StreamMap
 from .trace import Trace, key_validity, trace_attention
 
@@ -111,6 +111,13 @@ def trace_multimodal(
         scope_modules=True,
     )
     records = trace.records
+    batch = trace.output.shape[0] if trace.output.dim() else 1
+    if any(record.shape[0] != batch for record in records):
+        shapes = sorted({record.shape for record in records})
+        raise ValueError(
+            f"The model's attention calls have shapes {shapes} (B, H, Nq, Nk), which the rules "
+            f"do not define: {WINDOWED.format(batch=batch)}. {FIXES}"
+        )
     device = trace.output.device
     state = MultiModalRelevance(streams.sizes(records), records[0].shape[0], device)
     for step in streams.steps(records):

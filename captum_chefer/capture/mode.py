@@ -14,10 +14,17 @@ in any module is replaced. The model runs as it was loaded:
   whose backward sees ``dA``;
 - ``nn.MultiheadAttention``'s functional core runs its SDPA branch (the weights it returns when
   asked for are recomputed from the same query and key);
+- a softmax over ``N + 1`` keys whose last column the model then drops (an attention *sink*,
+  as in GPT-OSS) is captured at the slice: the probabilities applied to the values;
 - active dropout is noted, so that the attribution can warn that the map is random.
 
-Softmaxes over other shapes (a router's ``(tokens, experts)``, a classifier's output) pass
-through untouched.
+A softmax over the last dimension of a 3-D ``(B*H, N, N)`` tensor is attention with its heads
+folded into the batch (older Hugging Face code): it is captured too, and split into ``(B, H, N,
+N)`` (batch-major, as ``view(B * H, N, N)`` folds them) once the explained batch is known.
+Softmaxes over 2-D tensors (a router's ``(tokens, experts)``, a classifier's output) pass
+through untouched. Softmaxes that look like attention in a layout the capture cannot read (a
+non-last dimension, five dimensions) are noted as *unread*, so that the attribution refuses
+rather than silently missing their layers.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class AttentionMode(TorchFunctionMode):
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.recorder = recorder
+        self._sinks: dict[int, Tensor] = {}
 
     def __torch_function__(
         self,
@@ -71,14 +79,38 @@ class AttentionMode(TorchFunctionMode):
             return _multi_head_attention(self.recorder, args, kwargs)
         if func in _DROPOUT:
             self._note_dropout(args, kwargs)
+        if func is Tensor.__getitem__ and self._sinks and id(args[0]) in self._sinks:
+            return self._without_sink(func, args, kwargs)
         return func(*args, **kwargs)
 
     def _softmax(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         probs = func(*args, **kwargs)
+        if not isinstance(probs, Tensor) or probs.dim() < 3:
+            return probs
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if isinstance(probs, Tensor) and probs.dim() == 4 and dim in (-1, 3):
+        last = dim in (-1, probs.dim() - 1)
+        if probs.dim() == 4 and last and probs.shape[3] == probs.shape[2] + 1:
+            self._sinks[id(probs)] = probs
+            self.recorder.unread[id(probs)] = f"{tuple(probs.shape)} with a sink column"
+            return probs
+        if probs.dim() == 4 and last:
             return self.recorder.probabilities(probs)
+        square = probs.shape[-1] == probs.shape[-2]
+        if probs.dim() == 3 and last and square:
+            return self.recorder.probabilities(probs.unsqueeze(1), folded=True).squeeze(1)
+        if probs.dim() > 4 or not last or square:
+            self.recorder.unread[id(probs)] = f"{tuple(probs.shape)} over dim {dim}"
         return probs
+
+    def _without_sink(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The slice of a sink softmax that keeps the real keys: the attention applied to V."""
+        probs = self._sinks.pop(id(args[0]))
+        kept = func(*args, **kwargs)
+        batch, heads, n_query, _ = probs.shape
+        if isinstance(kept, Tensor) and tuple(kept.shape) == (batch, heads, n_query, n_query):
+            del self.recorder.unread[id(probs)]
+            return self.recorder.probabilities(kept)
+        return kept
 
     def _note_dropout(self, args: tuple, kwargs: dict[str, Any]) -> None:
         p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)

@@ -63,13 +63,20 @@ class CallRecord:
     """The autograd node of the captured output, for the dependency checks."""
     depends_on_captured: bool = True
     """Whether a captured call lies below this one (else no input gradient is needed)."""
+    folded: bool = False
+    """Explicit probabilities ``(B*H, 1, N, N)`` whose heads are folded into the batch."""
+
+    def unfold_heads(self, batch: int) -> None:
+        """Read folded ``(B*H, 1, N, N)`` probabilities as ``(B, H, N, N)`` (batch-major)."""
+        if self.folded and self.shape[0] % batch == 0:
+            self.shape = (batch, self.shape[0] // batch, *self.shape[2:])
 
     def allowed(self) -> Tensor | None:
         """Bool ``(B|1, H|1, Nq, Nk)`` of attended positions, or None when all are."""
         if self.call is not None:
             return self.call.allowed()
         assert self.probs is not None
-        return self.probs.detach() > 0
+        return self.probs.detach().reshape(self.shape) > 0
 
 
 @dataclass
@@ -85,6 +92,8 @@ class Recorder:
     """Names of the modules running now, outermost first (see ``module_scope``)."""
     dropout_active: bool = False
     """Whether the forward applied dropout (training mode): the relevance is then random."""
+    unread: dict[int, str] = field(default_factory=dict)
+    """Softmaxes that look like attention in a layout the capture cannot read, described."""
     _outputs: dict[int, Tensor] = field(default_factory=dict)
 
     def anchor(self, device: torch.device) -> Tensor:
@@ -108,10 +117,13 @@ class Recorder:
         return self._outputs.get(id(tensor)) is tensor
 
     def keep_on_path(self, output: Tensor) -> Dependencies:
-        """Keep only the calls ``output`` depends on, renumbered in forward order.
+        """Keep only the calls ``output`` depends on, renumbered in forward order, and unfold
+        folded heads against the explained batch ``output.shape[0]``.
 
         Returns the dependencies in the new numbering.
         """
+        for record in self.records:
+            record.unfold_heads(output.shape[0] if output.dim() else 1)
         found = dependencies(output, [record.node for record in self.records])
         renumber = {old: new for new, old in enumerate(found.on_path)}
         kept = [self.records[old] for old in found.on_path]
@@ -148,7 +160,7 @@ class Recorder:
         )
         return self._keep(record, output)
 
-    def probabilities(self, probs: Tensor) -> Tensor:
+    def probabilities(self, probs: Tensor, folded: bool = False) -> Tensor:
         """Pass explicit probabilities ``(B, H, Nq, Nk)`` through; their backward sees ``dA``.
 
         Probabilities that are already a captured output pass unchanged (a model that calls
@@ -158,6 +170,7 @@ class Recorder:
             return probs
         record = self._new_record(tuple(probs.shape), probs.device)  # type: ignore[arg-type]
         record.probs = probs.detach()
+        record.folded = folded
         output = _CapturedProbs.apply(self, record, self.anchor(probs.device), probs)
         return self._keep(record, output)
 
@@ -186,8 +199,9 @@ class Recorder:
         if self.consumer is None:
             return
         assert record.probs is not None
+        probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
         self.consumer.begin_layer(record.index, None, record.shape)
-        self.consumer.add_block(record.index, slice(None), record.probs.float(), grad_probs.float())
+        self.consumer.add_block(record.index, slice(None), probs.float(), grad_probs.float())
         self.consumer.end_layer(record.index)
 
 

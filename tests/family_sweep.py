@@ -1,0 +1,478 @@
+"""The family sweep: every installed transformers model type, and timm's ViT-like models.
+
+For each family a tiny random-init model is built from its config (sizes shrunk generically,
+no per-family settings), run on generic inputs, and explained by :class:`CheferRelevance` as
+loaded (its default attention implementation) and at ``eager``. The reference is independent
+of the package: a float64 eager copy whose attention maps are the ones Hugging Face returns
+with ``output_attentions=True`` (timm: the input of each ``attn_drop``), their gradients taken
+with ``retain_grad`` and a full backward, and ICCV 2021 eq. 5-6 applied on full matrices.
+
+Outcomes: ``exact`` (both implementations match the reference), ``refused`` (a clear error
+from captum_chefer, e.g. windowed attention), or ``not run`` (the sweep could not build or feed
+the family generically: other modalities, configs whose sizes do not shrink). A mismatch, or a
+crash inside the model caused by the capture, is a failure.
+
+``python tests/family_sweep.py`` writes the table to ``benchmarks/results/sweep.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from captum_chefer import CheferRelevance
+
+try:
+    from reference import relevance_matrix
+except ImportError:  # run as a script from the repository root
+    from tests.reference import relevance_matrix
+
+TINY = {
+    "hidden_size": 32,
+    "d_model": 32,
+    "n_embd": 32,
+    "embed_dim": 32,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "n_layers": 2,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "n_heads": 4,
+    "num_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 48,
+    "n_inner": 48,
+    "ffn_dim": 48,
+    "d_ff": 48,
+    "rotary_dim": 4,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "vocab_size": 99,
+    "max_position_embeddings": 64,
+    "n_positions": 64,
+    "head_dim": 8,
+    "d_kv": 8,
+    "image_size": 32,
+    "patch_size": 8,
+    "num_labels": 3,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 16,
+    "first_k_dense_replace": 1,
+    "pad_token_id": 0,
+}
+MAX_PARAMETERS = 30_000_000
+BATCH, LENGTH = 2, 7
+
+
+@dataclass
+class Outcome:
+    family: str
+    model: str
+    result: str
+    detail: str = ""
+
+
+class NotRun(Exception):
+    """The sweep cannot build or feed this family generically."""
+
+
+def hf_families() -> list[str]:
+    """Model types with a sequence-classification, causal-LM or image-classification head."""
+    from transformers.models.auto import modeling_auto as auto
+
+    names = (
+        auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+    return sorted(set().union(*names))
+
+
+def tiny_config(family: str):
+    """The family's default config with its sizes shrunk, dropout off."""
+    from transformers import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[family]
+    try:
+        config = config_class(**tiny_kwargs(config_class()))
+    except Exception as error:  # noqa: BLE001 - any config error means "cannot shrink"
+        raise NotRun(f"config: {type(error).__name__}") from error
+    layers = getattr(config, "num_hidden_layers", None)
+    for name in ("layer_types", "mlp_layer_types"):
+        value = getattr(config, name, None)
+        if isinstance(value, list) and isinstance(layers, int):
+            setattr(config, name, value[:layers])
+    return config
+
+
+def tiny_kwargs(default) -> dict:
+    """Constructor arguments that shrink ``default``'s sizes and switch dropout off.
+
+    Only integer sizes the config already has are set; properties are left alone; sub-configs
+    (a composite model's towers) are shrunk the same way.
+    """
+    from transformers import PretrainedConfig
+
+    kwargs: dict = {}
+    for name, value in TINY.items():
+        settable = not isinstance(getattr(type(default), name, None), property)
+        if settable and isinstance(getattr(default, name, None), int):
+            kwargs[name] = value
+    for name, value in vars(default).items():
+        droppy = "dropout" in name or name.endswith("_drop") or "drop_path" in name
+        if droppy and isinstance(value, float):
+            kwargs[name] = 0.0
+        elif isinstance(value, PretrainedConfig):
+            kwargs[name] = {**value.to_dict(), **tiny_kwargs(value)}
+    return kwargs
+
+
+def hf_task(family: str) -> tuple[str, type]:
+    """``("causal" | "encoder" | "image", model class)`` for the family."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    masked = auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if family in auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        kind, name = "image", auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[family]
+    elif family in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and family not in masked:
+        kind, name = "causal", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family]
+    elif family in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        kind, name = "encoder", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[family]
+    else:
+        kind, name = "causal", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family]
+    if isinstance(name, tuple):
+        name = name[0]
+    model_class = getattr(transformers, name, None)
+    if model_class is None:
+        raise NotRun(f"{name} is not importable")
+    return kind, model_class
+
+
+def build_hf(family: str):
+    """A tiny eval-mode model of the family at its default attention implementation."""
+    kind, model_class = hf_task(family)
+    config = tiny_config(family)
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in model_class(config).parameters())
+    except Exception as error:  # noqa: BLE001
+        raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+    if size > MAX_PARAMETERS:
+        raise NotRun(f"{size / 1e6:.0f}M parameters after shrinking")
+    torch.manual_seed(0)
+    try:
+        model = model_class(config).eval()
+    except Exception as error:  # noqa: BLE001
+        raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+    return kind, model
+
+
+def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
+    """Keyword inputs and the read token of each example."""
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    if kind == "image":
+        channels = getattr(config, "num_channels", 3)
+        size = getattr(config, "image_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        pixels = torch.randn(BATCH, channels, size, size, generator=generator)
+        return {"pixel_values": pixels}, [0] * BATCH
+    vocab = getattr(config, "vocab_size", 99)
+    ids = torch.randint(3, min(vocab, 99), (BATCH, LENGTH), generator=generator)
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    eos = getattr(config, "eos_token_id", None)
+    if kind == "encoder":
+        mask[1, -2:] = 0
+        ids[1, -2:] = 0
+        if isinstance(eos, int) and 0 < eos < vocab:  # seq2seq classifiers pool at <eos>
+            ids[0, -1] = ids[1, -3] = eos
+        return {"input_ids": ids, "attention_mask": mask}, [0] * BATCH
+    return {"input_ids": ids, "attention_mask": mask}, [LENGTH - 1] * BATCH
+
+
+def select(kind: str, output) -> torch.Tensor:
+    logits = output.logits
+    return logits[:, -1] if kind == "causal" else logits
+
+
+def plain_forward(kind: str, model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return select(kind, model(**inputs))
+
+
+def reference_rows(kind: str, model, inputs: dict, read: list[int], target: int) -> torch.Tensor:
+    """Row ``read`` of R minus the identity, from output_attentions at eager, in float64 where
+    the model's kernels allow it (grouped expert matmuls and some masks don't: float32 there)."""
+    try:
+        return _reference_rows(kind, model, inputs, read, target, torch.float64)
+    except RuntimeError:
+        return _reference_rows(kind, model, inputs, read, target, torch.float32)
+
+
+def _reference_rows(kind, model, inputs, read, target, dtype) -> torch.Tensor:
+    reference = _eager_copy(model).to(dtype)
+    double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    output = reference(**double, output_attentions=True)
+    attentions = getattr(output, "attentions", None)
+    if not attentions or any(a is None or a.dim() != 4 for a in attentions):
+        raise NotRun("no attention maps returned at eager")
+    for attention in attentions:
+        attention.retain_grad()
+    select(kind, output)[:, target].sum().backward()
+    if all(a.grad is None for a in attentions):
+        raise NotRun("the attention maps it returns are copies, off the gradient path")
+    maps = [a.detach().double().nan_to_num(0.0) for a in attentions]
+    grads = [
+        a.grad.double().nan_to_num(0.0) if a.grad is not None else torch.zeros_like(m)
+        for a, m in zip(attentions, maps)
+    ]
+    if kind != "image" and bool((maps[0][1].sum((0,)).triu(1) == 0).all()):
+        read = [LENGTH - 1] * BATCH  # causal attention reads the last token
+    elif kind != "image":
+        read = [0] * BATCH
+    relevance = relevance_matrix(maps, grads)
+    rows = relevance[torch.arange(BATCH), torch.tensor(read)]
+    return rows - torch.nn.functional.one_hot(torch.tensor(read), rows.shape[1]).double()
+
+
+def ours_rows(kind: str, model, inputs: dict, target: int) -> torch.Tensor:
+    names = list(inputs)
+
+    def forward(*values):
+        return select(kind, model(**dict(zip(names, values))))
+
+    values = tuple(inputs.values())
+    explainer = CheferRelevance(forward, model)
+    return explainer.attribute(values[0], target, values[1:], output="token")
+
+
+def from_package(error: BaseException) -> bool:
+    """Whether ``error`` was raised by captum_chefer itself (a refusal), not inside the model."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and "captum_chefer" in frames[-1].filename.replace("\\", "/")
+
+
+def compare(ours: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None) -> str:
+    if ours.shape != expected.shape:
+        raise NotRun(
+            f"the reference maps cover {expected.shape[1]} tokens, the model attends over "
+            f"{ours.shape[1]}"
+        )
+    expected = expected.float()
+    if mask is not None:
+        expected = expected * mask
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = ((ours - expected).abs().max() / scale).item()
+    return "" if error < 1e-3 else f"relative error {error:.2e}"
+
+
+def sweep_hf(family: str) -> Outcome:
+    """Build, run and check one transformers family."""
+    try:
+        kind, model = build_hf(family)
+        inputs, read = hf_inputs(kind, model)
+        before = plain_forward(kind, model, inputs)
+    except NotRun as error:
+        return Outcome(family, "", "not run", str(error))
+    except Exception as error:  # noqa: BLE001 - the model does not run on generic inputs
+        return Outcome(family, "", "not run", f"forward: {type(error).__name__}: {str(error)[:90]}")
+    name = type(model).__name__
+    try:
+        expected = reference_rows(kind, model, inputs, read, 1)
+    except NotRun as error:
+        expected, reason = None, str(error)
+    except Exception as error:  # noqa: BLE001
+        expected, reason = None, f"reference: {type(error).__name__}: {str(error)[:60]}"
+    details = []
+    mask = inputs.get("attention_mask") if kind == "encoder" else None
+    for label, variant in (("default", model), ("eager", _eager_copy(model))):
+        try:
+            ours = ours_rows(kind, variant, inputs, 1)
+        except Exception as error:  # noqa: BLE001
+            if not from_package(error):
+                return Outcome(family, name, "FAILED", f"{label}: crash {error!r}"[:200])
+            if str(error).startswith("No attention was captured"):
+                if expected is not None:
+                    return Outcome(family, name, "FAILED", f"{label}: attention not captured")
+                return Outcome(family, name, "no attention", _first_sentence(error))
+            return Outcome(family, name, "refused", _first_sentence(error))
+        if expected is None:
+            return Outcome(family, name, "not run", f"no reference ({reason})")
+        try:
+            mismatch = compare(ours, expected, mask)
+        except NotRun as error:
+            return Outcome(family, name, "not run", str(error))
+        if mismatch:
+            return Outcome(family, name, "FAILED", f"{label}: {mismatch}")
+        details.append(label)
+    after = plain_forward(kind, model, inputs)
+    if not torch.equal(before, after):
+        return Outcome(family, name, "FAILED", "model output changed after attribution")
+    implementation = model.config._attn_implementation
+    return Outcome(family, name, "exact", f"at {implementation} and eager")
+
+
+def _eager_copy(model):
+    """The same weights, built at ``attn_implementation="eager"`` (some families choose their
+    attention classes when they are built, so switching afterwards is not enough)."""
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = "eager"
+    eager = type(model)(config).eval()
+    eager.load_state_dict(model.state_dict())
+    return eager
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = str(error).split(". ")[0]
+    return text[:160]
+
+
+TIMM_FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "vit (registers)": ("vit_base_patch16_reg4_gap_256", {"global_pool": "token"}),
+    "deit (distilled)": ("deit_tiny_distilled_patch16_224", {}),
+    "deit3": ("deit3_small_patch16_224", {}),
+    "beit": ("beit_base_patch16_224", {}),
+    "beitv2": ("beitv2_base_patch16_224", {}),
+    "eva02": ("eva02_tiny_patch14_224", {}),
+    "eva": ("eva_giant_patch14_224", {}),
+    "cait": ("cait_xxs24_224", {}),
+    "xcit": ("xcit_nano_12_p16_224", {}),
+    "swin": ("swin_tiny_patch4_window7_224", {}),
+    "flexivit": ("flexivit_small", {}),
+    "vit (siglip-style map head)": ("vit_base_patch16_siglip_224", {}),
+}
+TIMM_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
+
+
+def build_timm(name: str, extra: dict):
+    import timm
+
+    torch.manual_seed(0)
+    for kwargs in ({**TIMM_TINY, **extra}, {"num_classes": 3, **extra}):
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs).eval()
+        except Exception:  # noqa: BLE001,S112 - try the next, larger setting
+            continue
+    raise NotRun("timm cannot build it")
+
+
+def timm_reference(model, pixels: torch.Tensor, target: int) -> torch.Tensor:
+    """CLS row of R minus the identity, with maps from hooks on ``attn_drop`` (eager, float64)."""
+    reference = copy.deepcopy(model).double()
+    for module in reference.modules():
+        if getattr(module, "fused_attn", None) is True:
+            module.fused_attn = False
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        output.retain_grad()
+        captured.append(output)
+
+    handles = [
+        m.attn_drop.register_forward_hook(hook)
+        for m in reference.modules()
+        if isinstance(getattr(m, "attn_drop", None), torch.nn.Module)
+    ]
+    try:
+        reference(pixels.double())[:, target].sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not captured:
+        raise NotRun("no attn_drop module to read the maps from")
+    maps = [a.detach() for a in captured]
+    relevance = relevance_matrix(maps, [a.grad for a in captured])
+    return relevance[:, 0] - torch.nn.functional.one_hot(torch.zeros(2).long(), relevance.shape[1])
+
+
+def sweep_timm(family: str) -> Outcome:
+    name, extra = TIMM_FAMILIES[family]
+    try:
+        model = build_timm(name, extra)
+        size = model.default_cfg.get("input_size", (3, 224, 224))[-1]
+        pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            before = model(pixels)
+    except NotRun as error:
+        return Outcome(family, name, "not run", str(error))
+    for label, variant in (("default", model), ("eager", _timm_eager(model))):
+        try:
+            ours = CheferRelevance(variant).attribute(pixels, 1, output="token")
+        except Exception as error:  # noqa: BLE001
+            if not from_package(error):
+                return Outcome(family, name, "FAILED", f"{label}: crash {error!r}"[:200])
+            return Outcome(family, name, "refused", _first_sentence(error))
+        try:
+            expected = timm_reference(model, pixels, 1)
+        except NotRun as error:
+            return Outcome(family, name, "not run", f"no reference ({error})")
+        mismatch = compare(ours, expected, None)
+        if mismatch:
+            return Outcome(family, name, "FAILED", f"{label}: {mismatch}")
+    with torch.no_grad():
+        if not torch.equal(before, model(pixels)):
+            return Outcome(family, name, "FAILED", "model output changed after attribution")
+    return Outcome(family, name, "exact", "fused and eager")
+
+
+def _timm_eager(model):
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if getattr(module, "fused_attn", None) is True:
+            module.fused_attn = False
+    return copied
+
+
+def write_table(outcomes: list[Outcome], path: Path) -> None:
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.result] = counts.get(outcome.result, 0) + 1
+    lines = [
+        "# Family sweep (`python tests/family_sweep.py`)",
+        "",
+        "Every transformers model type with a sequence-classification, causal-LM or "
+        "image-classification head, and timm's ViT-like families: a tiny random-init model, "
+        "explained as loaded and at eager, against a float64 eager reference "
+        "(see `tests/family_sweep.py`).",
+        "",
+        "Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+        "",
+        "| family | model | result | detail |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {o.family} | {o.model} | {o.result} | {o.detail.replace('|', '/')} |" for o in outcomes
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    warnings.filterwarnings("ignore")
+    families = sys.argv[1:] or hf_families()
+    results = [sweep_hf(f) for f in tqdm(families, desc="transformers")]
+    if not sys.argv[1:]:
+        results += [sweep_timm(f) for f in tqdm(TIMM_FAMILIES, desc="timm")]
+    for outcome in results:
+        print(f"{outcome.family:28} {outcome.result:8} {outcome.detail}")
+    if not sys.argv[1:]:
+        root = Path(inspect.getfile(sweep_hf)).resolve().parents[1]
+        write_table(results, root / "benchmarks" / "results" / "sweep.md")
