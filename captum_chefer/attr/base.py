@@ -44,7 +44,7 @@ class AttentionAttribution(GradientAttribution):
     def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
         forward_func = uncompiled(forward_func)
         super().__init__(forward_func)
-        self.model = uncompiled(model) if model is not None else module_or_none(forward_func)
+        self.model = module_or_none(uncompiled(model) if model is not None else forward_func)
 
     def _attribute(
         self,

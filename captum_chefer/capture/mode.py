@@ -48,11 +48,15 @@ _SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax, torch.special.softmax}
 _DROPOUT = {F.dropout, torch.dropout, torch.nn.functional.dropout1d, F.dropout2d}
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
-_SDPA_ARGS = inspect.signature(
-    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: (
-        None
-    )
-)
+
+
+def _sdpa_signature(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """The arguments of ``scaled_dot_product_attention``, to bind a call's args by name."""
+
+
+_SDPA_ARGS = inspect.signature(_sdpa_signature)
 
 
 class AttentionMode(TorchFunctionMode):
