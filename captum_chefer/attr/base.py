@@ -201,7 +201,10 @@ FIXES = (
 )
 NOT_A_CHAIN = (
     "{name}: attention layer {layer} does not depend on layer {after}, so the captured layers "
-    "do not form the one chain the self-attention rule assumes. An encoder-decoder has two "
+    "do not form the one chain the self-attention rule assumes. A layer may compute two "
+    "attention maps side by side (differential attention: DiffLlama), which the rule does not "
+    "define: explain it with a gradient method, e.g. captum.attr.IntegratedGradients. An "
+    "encoder-decoder has two "
     "streams: use CheferEncoderDecoder (two towers: CheferDualEncoder or CheferMultiModal). A "
     "siamese forward such as cos(model(a), model(b)) runs the model twice: explain one branch "
     "at a time with the other detached, e.g. CheferRelevance(lambda a: cos(model(a), "
