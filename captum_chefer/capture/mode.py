@@ -94,9 +94,9 @@ class AttentionMode(TorchFunctionMode):
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         last = dim in (-1, probs.dim() - 1)
         if probs.dim() == 4 and last and probs.shape[3] == probs.shape[2] + 1:
-            self._sinks[id(probs)] = probs
-            self.recorder.unread[id(probs)] = f"{tuple(probs.shape)} with a sink column"
-            return probs
+            captured = self.recorder.probabilities(probs)
+            self._sinks[id(captured)] = captured  # a sink, if the model slices it off
+            return captured
         if probs.dim() == 4 and last:
             return self.recorder.probabilities(probs)
         square = probs.shape[-1] == probs.shape[-2]
@@ -107,12 +107,16 @@ class AttentionMode(TorchFunctionMode):
         return probs
 
     def _without_sink(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        """The slice of a sink softmax that keeps the real keys: the attention applied to V."""
+        """The slice of a sink softmax that keeps the real keys: the attention applied to V.
+
+        The softmax over ``N + 1`` keys was captured as it was (it may be cross-attention to
+        ``N + 1`` tokens); once the model slices it to ``(B, H, N, N)``, the slice replaces it.
+        """
         probs = self._sinks.pop(id(args[0]))
         kept = func(*args, **kwargs)
         batch, heads, n_query, _ = probs.shape
         if isinstance(kept, Tensor) and tuple(kept.shape) == (batch, heads, n_query, n_query):
-            del self.recorder.unread[id(probs)]
+            self.recorder.supersede(probs)
             return self.recorder.probabilities(kept)
         return kept
 

@@ -65,6 +65,8 @@ class CallRecord:
     """Whether a captured call lies below this one (else no input gradient is needed)."""
     folded: bool = False
     """Explicit probabilities ``(B*H, 1, N, N)`` whose heads are folded into the batch."""
+    superseded: bool = False
+    """Replaced by a later record of the same attention (a sink softmax and its slice)."""
 
     def unfold_heads(self, batch: int) -> None:
         """Read folded ``(B*H, 1, N, N)`` probabilities as ``(B, H, N, N)`` (batch-major)."""
@@ -95,6 +97,7 @@ class Recorder:
     unread: dict[int, str] = field(default_factory=dict)
     """Softmaxes that look like attention in a layout the capture cannot read, described."""
     _outputs: dict[int, Tensor] = field(default_factory=dict)
+    _by_output: dict[int, CallRecord] = field(default_factory=dict)
 
     def anchor(self, device: torch.device) -> Tensor:
         """The gradient leaf of ``device``, made on first use."""
@@ -110,7 +113,16 @@ class Recorder:
     def _keep(self, record: CallRecord, output: Tensor) -> Tensor:
         record.node = output.grad_fn
         self._outputs[id(output)] = output
+        self._by_output[id(output)] = record
         return output
+
+    def supersede(self, output: Tensor) -> None:
+        """Drop the record of the captured ``output``: a later record replaces it."""
+        record = self._by_output[id(output)]
+        record.superseded = True
+        self.records.remove(record)
+        for index, kept in enumerate(self.records):
+            kept.index = index
 
     def is_captured(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is the output of a call already captured (no double capture)."""
@@ -132,6 +144,7 @@ class Recorder:
             record.index = renumber[record.index]
         self.records[:] = kept
         self._outputs.clear()
+        self._by_output.clear()
         below = {
             renumber[old]: frozenset(renumber[i] for i in calls if i in renumber)
             for old, calls in found.below.items()
@@ -196,7 +209,7 @@ class Recorder:
         return grads
 
     def backward_probs(self, record: CallRecord, grad_probs: Tensor) -> None:
-        if self.consumer is None:
+        if self.consumer is None or record.superseded:
             return
         assert record.probs is not None
         probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
