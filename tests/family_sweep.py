@@ -72,6 +72,8 @@ TINY = {
     "first_k_dense_replace": 1,
     "pad_token_id": 0,
 }
+QUIRKS = {"gpt_neo": {"attention_types": [[["global", "local"], 1]]}}
+"""Config arguments that cannot be derived from the sizes above (a layer pattern spec)."""
 MAX_PARAMETERS = 30_000_000
 BATCH, LENGTH = 2, 7
 
@@ -128,15 +130,25 @@ def tiny_kwargs(default) -> dict:
     kwargs: dict = {}
     for name, value in TINY.items():
         settable = not isinstance(getattr(type(default), name, None), property)
-        if settable and isinstance(getattr(default, name, None), int):
+        if settable and isinstance(_read(default, name), int):
             kwargs[name] = value
+    layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
     for name, value in vars(default).items():
         droppy = "dropout" in name or name.endswith("_drop") or "drop_path" in name
         if droppy and isinstance(value, float):
             kwargs[name] = 0.0
         elif isinstance(value, PretrainedConfig):
             kwargs[name] = {**value.to_dict(), **tiny_kwargs(value)}
-    return kwargs
+        elif isinstance(value, list) and len(value) == layers and layers > 1:
+            kwargs[name] = [value[0], value[-1]]  # one layer of each end of the pattern
+    return {**kwargs, **QUIRKS.get(getattr(default, "model_type", ""), {})}
+
+
+def _read(config, name: str):
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - per-layer attributes refuse a global read
+        return None
 
 
 def hf_task(family: str) -> tuple[str, type]:
