@@ -177,10 +177,20 @@ def write_outputs(
         [(title, row.tokens, row.shown()) for title, row in rows],
         page_title="captum_chefer: which words make two sentences similar (all-MiniLM-L6-v2)",
         scale=scale,
+        intro=WHAT_COLOUR_SHOWS,
     )
     png_path = os.path.join(out_dir, "similarity.png")
     _write_png(png_path, rows, scale)
     return html_path, png_path
+
+
+WHAT_COLOUR_SHOWS = (
+    "Colour shows how strongly each token drives the cosine similarity of the pair "
+    "(gradient-weighted attention relevance, Chefer et al., ICCV 2021), on one scale for every "
+    "sentence. It is not how similar the sentences are: that is the cosine in each title. A "
+    "score can respond strongly to its words even when it is low, so an unrelated pair may be "
+    "coloured as much as a paraphrase."
+)
 
 
 def _token_row(explanation: Explanation, merge_word_pieces: bool) -> TokenRow:

