@@ -51,8 +51,8 @@ TINY = {
     "ffn_dim": 48,
     "d_ff": 48,
     "rotary_dim": 4,
-    "qk_rope_head_dim": 4,
-    "qk_nope_head_dim": 4,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
     "v_head_dim": 8,
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
@@ -70,9 +70,26 @@ TINY = {
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 16,
     "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
     "pad_token_id": 0,
 }
-QUIRKS = {"gpt_neo": {"attention_types": [[["global", "local"], 1]]}}
+_SWIN = {
+    "image_size": 16,
+    "patch_size": 2,
+    "embed_dim": 16,
+    "depths": [1, 1],
+    "num_heads": [2, 2],
+    "window_size": 2,
+}
+QUIRKS = {
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "big_bird": {"attention_type": "original_full"},
+    "bigbird_pegasus": {"attention_type": "original_full"},
+    "swin": _SWIN,
+    "swinv2": _SWIN,
+    "donut-swin": _SWIN,
+}
 """Config arguments that cannot be derived from the sizes above (a layer pattern spec)."""
 MAX_PARAMETERS = 30_000_000
 BATCH, LENGTH = 2, 7
@@ -111,11 +128,6 @@ def tiny_config(family: str):
         config = config_class(**tiny_kwargs(config_class()))
     except Exception as error:  # noqa: BLE001 - any config error means "cannot shrink"
         raise NotRun(f"config: {type(error).__name__}") from error
-    layers = getattr(config, "num_hidden_layers", None)
-    for name in ("layer_types", "mlp_layer_types"):
-        value = getattr(config, name, None)
-        if isinstance(value, list) and isinstance(layers, int):
-            setattr(config, name, value[:layers])
     return config
 
 
@@ -132,6 +144,8 @@ def tiny_kwargs(default) -> dict:
         settable = not isinstance(getattr(type(default), name, None), property)
         if settable and isinstance(_read(default, name), int):
             kwargs[name] = value
+    if _read(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # latent attention
     layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
     for name, value in vars(default).items():
         droppy = "dropout" in name or name.endswith("_drop") or "drop_path" in name
@@ -140,7 +154,8 @@ def tiny_kwargs(default) -> dict:
         elif isinstance(value, PretrainedConfig):
             kwargs[name] = {**value.to_dict(), **tiny_kwargs(value)}
         elif isinstance(value, list) and len(value) == layers and layers > 1:
-            kwargs[name] = [value[0], value[-1]]  # one layer of each end of the pattern
+            kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
+            kwargs[name] = (kinds + [value[0]])[:2]
     return {**kwargs, **QUIRKS.get(getattr(default, "model_type", ""), {})}
 
 
@@ -178,6 +193,10 @@ def build_hf(family: str):
     kind, model_class = hf_task(family)
     config = tiny_config(family)
     try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in model_class(config).parameters())
+    except AttributeError:  # a text model registered under its composite config
+        config = config.get_text_config()
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
     except Exception as error:  # noqa: BLE001
