@@ -333,3 +333,68 @@ def test_exported_and_conventions() -> None:
         [AttnLRP(model).attribute(x[i : i + 1], target=i)[0] for i in range(3)]
     )
     torch.testing.assert_close(single, per_example)
+
+
+class InPlaceAfterLinear(nn.Module):
+    """Attention whose projection output the model then changes in place (``h += …``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.qkv(x)
+        h += 0.5  # in place, on the linear layer's output
+        q, k, v = h.chunk(3, -1)
+        out = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.head(out[:, 0])
+
+
+def test_in_place_change_of_a_linear_output_is_named_and_epsilon_zero_works() -> None:
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(9))
+    model = InPlaceAfterLinear().eval()
+    with pytest.raises(RuntimeError, match="in place.*Pass epsilon=0"):
+        AttnLRP(model).attribute(x, target=0)
+    lrp0 = AttnLRP(model).attribute(x, target=0, epsilon=0.0)
+    assert lrp0.shape == x.shape and torch.isfinite(lrp0).all()
+
+    # LRP-0 on a model whose linear outputs are left alone gives the same map with or without
+    # the in-place step being a separate addition.
+    class OutOfPlace(InPlaceAfterLinear):
+        def forward(self, x):
+            q, k, v = (self.qkv(x) + 0.5).chunk(3, -1)
+            return self.head((torch.softmax(q @ k.transpose(-1, -2), -1) @ v)[:, 0])
+
+    same = OutOfPlace().eval()
+    same.load_state_dict(model.state_dict())
+    torch.testing.assert_close(lrp0, AttnLRP(same).attribute(x, target=0, epsilon=0.0))
+
+
+class ScalesEmbeddingsInPlace(nn.Module):
+    """Token ids → embeddings scaled in place (as CTRL does) → one attention → a class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 4)
+        self.head = nn.Linear(4, 2)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x *= 2.0
+        out = torch.softmax(x @ x.transpose(-1, -2), -1) @ x
+        return self.head(out[:, 0])
+
+
+@pytest.mark.parametrize("output", ["input", "token"])
+def test_embeddings_changed_in_place_are_read(output: str) -> None:
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(10))
+    model = ScalesEmbeddingsInPlace().eval()
+    relevance = CPLRP(model).attribute(ids, target=1, output=output)
+    assert relevance.shape == (2, 5) and torch.isfinite(relevance).all()
+    assert relevance.abs().sum() > 0

@@ -165,7 +165,7 @@ def _embedding(state: LRPState, func: Callable[..., Any], args: tuple, kwargs: d
         return out
     leaf = out.detach().requires_grad_(True)
     state.embeddings.append(ReadPoint(leaf, origins))
-    return leaf
+    return leaf.clone()  # the model may change its embeddings in place; a leaf can't be
 
 
 def _softmax(state: LRPState, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -541,8 +541,9 @@ def _layer_hook(layer: nn.Module | None, state: LRPState) -> list[RemovableHandl
         origins = _arg_origins(state, args, {})
         leaf = out.detach().requires_grad_(True)
         state.layer_outputs.append(ReadPoint(leaf, origins))
-        state.mark(leaf, origins)
-        return leaf
+        tokens = leaf.clone()  # the model may change its tokens in place; a leaf can't be
+        state.mark(tokens, origins)
+        return tokens
 
     return [layer.register_forward_hook(hook)]
 

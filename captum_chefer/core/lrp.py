@@ -158,13 +158,26 @@ class _LinearRule(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, epsilon: float) -> Tensor:
         out = F.linear(x, weight, bias)
+        if out._is_view():  # the model may change it in place, which a Function's view forbids
+            out = out.clone()
         ctx.epsilon = epsilon
-        ctx.save_for_backward(weight, out if epsilon > 0 else None)
+        ctx.save_for_backward(weight)
+        # z is kept without autograd's version check, which would fail with a bare message if
+        # the model changes it in place; the check below names the cause and the fix.
+        ctx.out = out.detach() if epsilon > 0 else None
+        ctx.version = out._version
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        weight, out = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
+        out = ctx.out
+        if out is not None and out._version != ctx.version:
+            raise RuntimeError(
+                "The model changes a linear layer's output in place, but the epsilon rule needs "
+                "its value z = Wx + b. Pass epsilon=0 (LRP-0: plain gradient x input at linear "
+                "layers), which does not need it."
+            )
         if out is not None:
             sign = (out >= 0).to(out.dtype) * 2 - 1
             grad = grad * out / (out + ctx.epsilon * sign)
