@@ -101,6 +101,34 @@ class Outcome:
     model: str
     result: str
     detail: str = ""
+    lrp: str = ""
+    """AttnLRP and CP-LRP on the same model: ``ok`` (finite maps, nothing left behind),
+    ``refused: …`` (a clear error from captum_chefer), or ``FAILED: …``."""
+
+
+def lrp_outcome(model, forward, values: tuple) -> str:
+    """Run AttnLRP and CP-LRP on ``forward(model, *values)``; each must give finite maps of the
+    inputs' shape and leave no mode or hook behind, or be refused by captum_chefer."""
+    from captum_chefer import CPLRP, AttnLRP
+
+    results = []
+    for method in (AttnLRP, CPLRP):
+        try:
+            explainer = method(lambda *v: forward(model, *v), model)
+            maps = explainer.attribute(values[0], 1, values[1:])
+        except Exception as error:  # noqa: BLE001
+            if not from_package(error):
+                return f"FAILED: {method.__name__} crashed: {error!r}"[:200]
+            results.append(f"refused: {_first_sentence(error)[:80]}")
+            continue
+        if maps.shape != values[0].shape or not bool(torch.isfinite(maps).all()):
+            return f"FAILED: {method.__name__} gave {tuple(maps.shape)} or non-finite values"
+        if torch._C._len_torch_function_stack() or any(
+            m._forward_hooks or m._forward_pre_hooks for m in model.modules()
+        ):
+            return f"FAILED: {method.__name__} left a mode or hook behind"
+        results.append("ok")
+    return results[0] if results[0] == results[1] else " / ".join(results)
 
 
 class NotRun(Exception):
@@ -293,7 +321,11 @@ def ours_rows(kind: str, model, inputs: dict, target: int) -> torch.Tensor:
 def from_package(error: BaseException) -> bool:
     """Whether ``error`` was raised by captum_chefer itself (a refusal), not inside the model."""
     frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and "captum_chefer" in frames[-1].filename.replace("\\", "/")
+    if not frames:
+        return False
+    last = frames[-1]  # a refusal is a `raise` in the package, not torch failing under it
+    in_package = "captum_chefer" in last.filename.replace("\\", "/")
+    return in_package and (last.line or "").lstrip().startswith("raise")
 
 
 def compare(ours: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None) -> str:
@@ -311,7 +343,7 @@ def compare(ours: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | Non
 
 
 def sweep_hf(family: str) -> Outcome:
-    """Build, run and check one transformers family."""
+    """Build, run and check one transformers family: Chefer's rule, then AttnLRP and CP-LRP."""
     try:
         kind, model = build_hf(family)
         inputs, read = hf_inputs(kind, model)
@@ -320,6 +352,18 @@ def sweep_hf(family: str) -> Outcome:
         return Outcome(family, "", "not run", str(error))
     except Exception as error:  # noqa: BLE001 - the model does not run on generic inputs
         return Outcome(family, "", "not run", f"forward: {type(error).__name__}: {str(error)[:90]}")
+    outcome = _chefer_outcome(family, kind, model, inputs, read, before)
+    if outcome.result != "not run":
+        names = list(inputs)
+
+        def forward(m, *values):
+            return select(kind, m(**dict(zip(names, values))))
+
+        outcome.lrp = lrp_outcome(model, forward, tuple(inputs.values()))
+    return outcome
+
+
+def _chefer_outcome(family, kind, model, inputs, read, before) -> Outcome:
     name = type(model).__name__
     try:
         expected = reference_rows(kind, model, inputs, read, 1)
@@ -446,7 +490,9 @@ def sweep_timm(family: str) -> Outcome:
         except Exception as error:  # noqa: BLE001
             if not from_package(error):
                 return Outcome(family, name, "FAILED", f"{label}: crash {error!r}"[:200])
-            return Outcome(family, name, "refused", _first_sentence(error))
+            refused = Outcome(family, name, "refused", _first_sentence(error))
+            refused.lrp = lrp_outcome(model, lambda m, x: m(x), (pixels,))
+            return refused
         try:
             expected = timm_reference(model, pixels, 1)
         except NotRun as error:
@@ -457,7 +503,9 @@ def sweep_timm(family: str) -> Outcome:
     with torch.no_grad():
         if not torch.equal(before, model(pixels)):
             return Outcome(family, name, "FAILED", "model output changed after attribution")
-    return Outcome(family, name, "exact", "fused and eager")
+    outcome = Outcome(family, name, "exact", "fused and eager")
+    outcome.lrp = lrp_outcome(model, lambda m, x: m(x), (pixels,))
+    return outcome
 
 
 def _timm_eager(model):
@@ -482,11 +530,13 @@ def write_table(outcomes: list[Outcome], path: Path) -> None:
         "",
         "Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         "",
-        "| family | model | result | detail |",
-        "|---|---|---|---|",
+        "| family | model | result | detail | AttnLRP / CP-LRP |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {o.family} | {o.model} | {o.result} | {o.detail.replace('|', '/')} |" for o in outcomes
+        f"| {o.family} | {o.model} | {o.result} | {o.detail.replace('|', '/')} | "
+        f"{o.lrp.replace('|', '/')} |"
+        for o in outcomes
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -503,7 +553,7 @@ if __name__ == "__main__":
     if not sys.argv[1:]:
         results += [sweep_timm(f) for f in tqdm(TIMM_FAMILIES, desc="timm")]
     for outcome in results:
-        print(f"{outcome.family:28} {outcome.result:8} {outcome.detail}")
+        print(f"{outcome.family:28} {outcome.result:8} {outcome.detail} [lrp: {outcome.lrp}]")
     if not sys.argv[1:]:
         root = Path(inspect.getfile(sweep_hf)).resolve().parents[1]
         write_table(results, root / "benchmarks" / "results" / "sweep.md")

@@ -4,7 +4,8 @@ The harness lives in ``family_sweep.py``; ``python tests/family_sweep.py`` write
 outcomes to ``benchmarks/results/sweep.md``. A family the harness cannot build or feed
 generically (another modality, sizes that do not shrink) is reported as skipped with the
 reason; every family it can run must match the reference at its default implementation and at
-eager, or be refused by captum_chefer with an error that names the cause.
+eager, or be refused by captum_chefer with an error that names the cause. AttnLRP and CP-LRP
+run on the same models: finite maps with nothing left behind, or a clear refusal.
 """
 
 from __future__ import annotations
@@ -37,3 +38,4 @@ def _check(outcome: family_sweep.Outcome) -> None:
     if outcome.result == "not run":
         pytest.skip(f"the sweep cannot run {outcome.family} generically: {outcome.detail}")
     assert outcome.result in ("exact", "refused", "no attention"), outcome.detail
+    assert outcome.lrp and not outcome.lrp.startswith("FAILED"), outcome.lrp
