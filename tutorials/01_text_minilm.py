@@ -20,9 +20,9 @@
 # 2. **A classifier** (frozen MiniLM + a trained linear head) on synthetic sentences whose label
 #    is carried by known keywords, so that each explanation can be scored against the truth.
 #
-# Each part shows `CheferRelevance` (Chefer et al., ICCV 2021), Captum's
-# `LayerIntegratedGradients` and `AttentionRollout` side by side with Captum's text
-# visualisation, then the metrics.
+# Each part shows `CheferRelevance` (Chefer et al., ICCV 2021), `AttnLRP` (Achtibat et al., ICML
+# 2024), Captum's `LayerIntegratedGradients` and `AttentionRollout` side by side with Captum's
+# text visualisation, then the metrics.
 #
 # Run it as a script, `python tutorials/01_text_minilm.py`, or open the paired notebook
 # `tutorials/01_text_minilm.ipynb`; it needs the `[tutorials]` extra.
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerIntegratedGradients
 
-from captum_chefer import AttentionRollout, CheferRelevance
+from captum_chefer import AttentionRollout, AttnLRP, CheferRelevance
 from captum_chefer.datasets import MeanPoolClassifier, accuracy, make_sentences, train_text_head
 from captum_chefer.metrics import (
     comprehensiveness,
@@ -124,11 +124,13 @@ SPECIAL_IDS = torch.tensor(tokenizer.all_special_ids)
 special = torch.isin(ids, SPECIAL_IDS)
 
 # %% [markdown]
-# The three methods. The output has one value per example, so `target=None`. B's embedding
+# The four methods. The output has one value per example, so `target=None`. B's embedding
 # travels in `additional_forward_args`, so that Integrated Gradients can repeat it along its
 # interpolation steps. Rollout's row mixes attention without an identity term to subtract, so
 # it is read with `self_relevance="keep"` for the mean-pooled read-out. Integrated Gradients
 # runs on the embedding layer against `[PAD]` (specials kept), summed over the hidden dimension.
+# AttnLRP (Achtibat et al., ICML 2024) propagates relevance through every layer, not only
+# attention, in one backward pass; on ids it is read at the embedding output.
 
 
 # %%
@@ -149,7 +151,13 @@ def explain(forward, ids, args, special, target=None):
         n_steps=IG_STEPS,
         internal_batch_size=IG_BATCH,
     )
-    return {"Chefer": chefer, "Integrated Gradients": ig.sum(-1), "Rollout": rollout}
+    lrp = AttnLRP(forward, encoder).attribute(ids, target, args)
+    return {
+        "Chefer": chefer,
+        "AttnLRP": lrp,
+        "Integrated Gradients": ig.sum(-1),
+        "Rollout": rollout,
+    }
 
 
 relevance = explain(similarity, ids, (mask, reference), special)
@@ -192,7 +200,7 @@ def records_for(relevance, ids, mask, labels, predicted, probs):
         )  # fmt: skip
         for name, values in relevance.items()
     }
-    # One sentence after another, each with its three methods.
+    # One sentence after another, each with its four methods.
     return [records[row] for row in range(len(ids)) for records in per_method.values()]
 
 

@@ -38,7 +38,7 @@ import torch
 from captum.attr import IntegratedGradients
 from captum.attr import visualization as viz
 
-from captum_chefer import AttentionRollout, CheferRelevance
+from captum_chefer import CPLRP, AttentionRollout, CheferRelevance
 from captum_chefer.datasets import COLOURS, accuracy, make_images, small_vit, train_vit
 from captum_chefer.metrics import (
     CHEFER_FRACTIONS,
@@ -87,11 +87,12 @@ with torch.no_grad():
     predicted = model(test.images).argmax(1)
 
 # %% [markdown]
-# ## 2. Three explanations of the predicted class
+# ## 2. Four explanations of the predicted class
 #
-# All three are Captum attributions and return maps shaped like the images. `CheferRelevance`
+# All four are Captum attributions and return maps shaped like the images. `CheferRelevance`
 # and `AttentionRollout` read the [CLS] row, drop the prefix token and upsample the 8×8 patch
-# map bilinearly; Integrated Gradients works on pixels (summed over colour channels here).
+# map bilinearly; Integrated Gradients and CP-LRP (attention held constant, Ali et al. 2022, as
+# in AttnLRP) work on pixels (summed over colour channels here).
 
 # %%
 maps = {
@@ -100,6 +101,7 @@ maps = {
         test.images, target=predicted, n_steps=8 if QUICK else 16, internal_batch_size=128
     ),
     "Rollout": AttentionRollout(model).attribute(test.images, target=predicted),
+    "CP-LRP": CPLRP(model).attribute(test.images, target=predicted),
 }
 maps = {name: values.sum(1, keepdim=True) for name, values in maps.items()}
 
