@@ -122,7 +122,9 @@ def run_vision(settings: Settings, jobs: Path) -> tuple[dict, dict]:
     with torch.no_grad():
         predicted = model(test.images).argmax(1)
     source = TensorSource(test.images, settings.batch, labels=test.labels, evidence=test.masks)
-    chosen = methods(settings, "Integrated Gradients", "Saliency", "InputXGradient")
+    chosen = methods(
+        settings, "Integrated Gradients", "Saliency", "InputXGradient", "AttnLRP", "CPLRP"
+    )
     results, stored = job(model, source, chosen, jobs / "vision", settings)
     for name, scores in results.items():
         log(f"[vision] {name:22s} " + _short(scores))
@@ -174,7 +176,7 @@ def run_text(settings: Settings, jobs: Path) -> tuple[dict, dict]:
         evidence=test.evidence,
         baseline=tokenizer.mask_token_id,
     )
-    chosen = methods(settings, "Layer Integrated Gradients")
+    chosen = methods(settings, "Layer Integrated Gradients", "AttnLRP", "CPLRP")
     results, _ = job(classifier, source, chosen, jobs / "text", settings, token_index="mean")
     for name, scores in results.items():
         log(f"[text] {name:26s} " + _short(scores))
