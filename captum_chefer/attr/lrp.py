@@ -17,10 +17,10 @@ from ._captum import (
     _format_tensor_into_tuples,
     _is_tuple,
     _run_forward,
-    _select_targets,
     log_usage,
 )
 from .base import Output, check_output, module_or_none
+from .trace import as_tensor, default_target, select_one_per_example
 
 NO_ATTENTION = (
     "{name} saw no attention on the path from the inputs to the output: no softmax and no "
@@ -108,10 +108,10 @@ class _LRPAttribution(GradientAttribution):
             )
         name = type(self).__name__
         with lrp_rules(self.model, self.variant, leaves, epsilon=epsilon, layer=layer) as state:
-            out = _as_tensor(_run_forward(self.forward_func, leaves, None, additional_forward_args))
+            out = as_tensor(_run_forward(self.forward_func, leaves, None, additional_forward_args))
         if not state.attention_calls:
             raise RuntimeError(NO_ATTENTION.format(name=name))
-        selected = _select_targets(out, _default_target(out, target))
+        selected = select_one_per_example(out, default_target(out, target))
         if not selected.requires_grad:
             raise RuntimeError(
                 f"{name}: the selected output does not depend on the inputs; check that "
@@ -180,30 +180,6 @@ def _read_tokens(points: list[ReadPoint], selected: Tensor) -> Tensor:
         )
     (value,) = _relevance([points[0].tensor], selected)
     return value.sum(-1) if value.dim() > 2 else value
-
-
-def _as_tensor(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(
-        f"forward_func returned {type(output).__name__}; it must return a tensor (or an object "
-        "with .logits). Wrap the model, e.g. lambda ids: model(ids).logits[:, -1]."
-    )
-
-
-def _default_target(output: Tensor, target: TargetType) -> TargetType:
-    """Captum's conventions, plus: no target on a multi-class output explains the argmax."""
-    if target is not None or output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1):
-        return target
-    if output.dim() == 2:
-        return output.argmax(1)
-    raise ValueError(
-        f"target=None is ambiguous for an output of shape {tuple(output.shape)}; pass target= "
-        "(an int, a tuple, or one per example), or return one value per example."
-    )
 
 
 class AttnLRP(_LRPAttribution):

@@ -93,13 +93,13 @@ def trace_attention(
             if scope_modules:
                 stack.enter_context(module_scope(model, recorder))
             stack.enter_context(capture_attention(model, recorder))
-            output = _as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
+            output = as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
         warn_if_training(model, recorder, stacklevel=4)
         if recorder.unread:
             raise RuntimeError(UNREAD.format(shapes=sorted(set(recorder.unread.values()))))
         if not recorder.records:
             raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
-        target = _default_target(output, target)
+        target = default_target(output, target)
         selected = select_one_per_example(output, target)
         if not selected.requires_grad:
             raise RuntimeError(NOT_ON_PATH)
@@ -153,7 +153,8 @@ def select_one_per_example(output: Tensor, target: TargetType) -> Tensor:
     return selected
 
 
-def _as_tensor(output: Any) -> Tensor:
+def as_tensor(output: Any) -> Tensor:
+    """The output as a tensor: itself, or its ``.logits``."""
     if isinstance(output, Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -165,7 +166,7 @@ def _as_tensor(output: Any) -> Tensor:
     )
 
 
-def _default_target(output: Tensor, target: TargetType) -> TargetType:
+def default_target(output: Tensor, target: TargetType) -> TargetType:
     """Captum's conventions, plus: no target on a multi-class output explains the argmax."""
     if target is not None:
         return target
