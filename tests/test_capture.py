@@ -385,3 +385,25 @@ def test_siglip_probe_head_is_refused_and_the_dual_encoder_fix_works():
     image_map, text = CheferDualEncoder(model).attribute((images, ids))
     assert image_map.shape == (2, 3, 16, 16) and text.shape == (2, 5)
     assert torch.isfinite(image_map).all() and image_map.abs().sum() > 0
+
+
+class WeightsInTraining(nn.Module):
+    """``nn.MultiheadAttention`` with attention dropout, asked for its weights (the default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out, weights = self.attn(x, x, x)
+        return self.head(out[:, 0]) + weights.sum((1, 2))[:, None]
+
+
+def test_multihead_weights_are_returned_in_training_with_dropout():
+    model = WeightsInTraining().train()
+    x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match="dropout was applied"):
+        relevance = CheferRelevance(model).attribute(x, target=0)
+    assert relevance.shape == x.shape and torch.isfinite(relevance).all()

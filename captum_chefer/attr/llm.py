@@ -29,6 +29,7 @@ from ._captum import (
     TokenizerLike,
     _convert_ids_to_pretty_tokens,
 )
+from .base import check_self_attention
 from .multimodal import trace_multimodal
 from .streams import ENCODER_DECODER
 from .trace import Trace, trace_attention
@@ -193,6 +194,7 @@ class CheferLLMAttribution(Attribution):
         reader = RowRelevance()
 
         def prepare(trace: Trace) -> None:
+            check_self_attention(trace, type(self).__name__)
             reader.set_start(start)
 
         trace = trace_attention(

@@ -35,9 +35,9 @@ NOTHING_CAPTURED = (
 
 UNREAD = (
     "The model computes softmaxes that look like attention in a layout captum_chefer cannot "
-    "read: {shapes}. Heads folded into the batch ((B*H, N, N)), a softmax over another "
-    "dimension than the keys, or more than four dimensions: those layers would be missing from "
-    "the map, so it is refused. If you can edit the attention code, pass the probabilities as "
+    "read: {shapes} (a softmax over another dimension than the keys, or over more than four "
+    "dimensions). Those layers would be missing from the map, so it is refused. If you can "
+    "edit the attention code, pass the probabilities as "
     "(B, H, Nq, Nk) to captum_chefer.mark_attention(); otherwise explain the model with a "
     "gradient method, e.g. captum.attr.IntegratedGradients."
 )

@@ -187,9 +187,10 @@ def _multi_head_attention(recorder: Recorder, args: tuple, kwargs: dict[str, Any
     output, _ = _mha_through(recorder)(**bound, need_weights=False)
     if not need_weights:
         return output, None
-    call = recorder.records[-1].call
-    assert call is not None
-    weights = attention_probs(call).to(output.dtype)
+    record = recorder.records[-1]  # the SDPA call just made, fused or (with dropout) explicit
+    probs = attention_probs(record.call) if record.call is not None else record.probs
+    assert probs is not None
+    weights = probs.to(output.dtype)
     if average:
         weights = weights.mean(1)
     if bound["query"].dim() == 2:

@@ -105,7 +105,7 @@ class Recorder:
             self.anchors[device] = torch.zeros((), device=device, requires_grad=True)
         return self.anchors[device]
 
-    def _new_record(self, shape: tuple[int, int, int, int], device: torch.device) -> CallRecord:
+    def _new_record(self, shape: tuple[int, int, int, int]) -> CallRecord:
         record = CallRecord(len(self.records), shape, module=self.scope[-1] if self.scope else None)
         self.records.append(record)
         return record
@@ -158,7 +158,7 @@ class Recorder:
         kernel_kwargs: dict[str, Any],
     ) -> Tensor:
         """Run ``kernel(q, k, v, attn_mask=mask, **kernel_kwargs)`` and capture it for backward."""
-        record = self._new_record(call.shape, call.query.device)
+        record = self._new_record(call.shape)
         record.call = call
         output = _CapturedKernel.apply(
             self,
@@ -181,7 +181,7 @@ class Recorder:
         """
         if self.is_captured(probs):
             return probs
-        record = self._new_record(tuple(probs.shape), probs.device)  # type: ignore[arg-type]
+        record = self._new_record(tuple(probs.shape))  # type: ignore[arg-type]
         record.probs = probs.detach()
         record.folded = folded
         output = _CapturedProbs.apply(self, record, self.anchor(probs.device), probs)
