@@ -42,7 +42,11 @@ class Consumer(Protocol):
         """Layer ``index`` (forward order) starts; ``shape`` is ``(B, H, Nq, Nk)``."""
 
     def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-        """Query ``rows`` of layer ``index``: ``A`` and ``dA``, ``(B, H, r, Nk)`` float32."""
+        """Query ``rows`` of layer ``index``: ``A`` and ``dA``, ``(B, H, r, Nk)`` float32.
+
+        Both are scratch once the call returns: a consumer may overwrite ``grad_probs`` (as
+        :class:`~captum_chefer.core.consumers.RowRelevance` does), and keeps neither.
+        """
 
     def end_layer(self, index: int) -> None:
         """Layer ``index`` is complete."""
@@ -214,7 +218,9 @@ class Recorder:
         assert record.probs is not None
         probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
         self.consumer.begin_layer(record.index, None, record.shape)
-        self.consumer.add_block(record.index, slice(None), probs.float(), grad_probs.float())
+        # A copy: the consumer may overwrite grad_probs, which autograd passes on below.
+        grad_probs = grad_probs.to(torch.float32, copy=True)
+        self.consumer.add_block(record.index, slice(None), probs.float(), grad_probs)
         self.consumer.end_layer(record.index)
 
 

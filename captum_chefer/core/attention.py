@@ -75,9 +75,14 @@ class AttentionCall:
         return allowed
 
 
-def _mask_rows(mask: Tensor, rows: slice) -> Tensor:
+def _as_4d(mask: Tensor) -> Tensor:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
+    return mask
+
+
+def _mask_rows(mask: Tensor, rows: slice) -> Tensor:
+    mask = _as_4d(mask)
     return mask if mask.shape[-2] == 1 else mask[..., rows, :]
 
 
@@ -151,10 +156,16 @@ def attention_backward(
     (``(B, H, r, w)``, ``w ≤ Nk``; the keys after ``w`` have zero attention), which halves the
     work; only consumers that accept such blocks ask for it.
 
+    Every block is computed in the same three buffers, so the loop allocates nothing of block
+    size; the gradients of ``K`` and ``V`` are accumulated inside the products
+    (``baddbmm_``) and the softmax backward is torch's fused kernel. This keeps the number of
+    operations per block, and so the synchronisation between threads, small.
+
     Args:
         call: the recorded inputs.
         grad_output: ``dO``, ``(B, H, Nq, Dv)``.
-        consumer: receives ``(rows, A, dA)`` per block, each ``(B, H, r, Nk)`` float32.
+        consumer: receives ``(rows, A, dA)`` per block, each ``(B, H, r, Nk)`` float32; it may
+            overwrite ``dA`` (scratch once the call returns) but must not keep either.
         block_rows: query rows per block.
         need_input_grads: when False only the consumer runs; the returned grads are None.
         key_prefix_blocks: the consumer accepts blocks narrower than ``Nk`` (leading keys).
@@ -163,61 +174,134 @@ def attention_backward(
         ``(dQ, dK, dV, dmask)`` in the inputs' dtypes; ``dmask`` only for a float mask that
         requires grad.
     """
-    dense = _dense(call)
-    key, value, d_out = dense.key, dense.value, grad_output.float().contiguous()
+    with torch.no_grad():
+        return _attention_backward(
+            call, grad_output, consumer, block_rows, need_input_grads, key_prefix_blocks
+        )
+
+
+def _attention_backward(
+    call: AttentionCall,
+    grad_output: Tensor,
+    consumer: BlockConsumer | None,
+    block_rows: int,
+    need_input_grads: bool,
+    key_prefix_blocks: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    loop = _BlockLoop(call, grad_output, block_rows, need_input_grads)
     mask_grad = call.mask is not None and call.mask.dtype != torch.bool and call.mask.requires_grad
-    d_query = torch.zeros_like(call.query, dtype=torch.float32) if need_input_grads else None
-    d_key = torch.zeros_like(key) if need_input_grads else None
-    d_value = torch.zeros_like(value) if need_input_grads else None
     d_scores_all = []
-    for start in range(0, call.query.shape[-2], block_rows):
-        rows = slice(start, start + block_rows)
+    for start in range(0, loop.n_query, block_rows):
+        rows = slice(start, min(start + block_rows, loop.n_query))
         width = causal_width(call, rows) if key_prefix_blocks and not mask_grad else None
-        keys = slice(None, width)
-        probs = attention_probs(dense, rows, width)
-        d_probs = torch.matmul(d_out[:, :, rows], value[:, :, keys].transpose(-1, -2))
+        probs, d_probs, d_scores = loop.block(rows, width or loop.n_key)
         if consumer is not None:
             consumer(rows, probs, d_probs)
-        if not need_input_grads:
-            continue
-        assert d_query is not None and d_key is not None and d_value is not None
-        # dS = A ⊙ (dA − rowsum(dA ⊙ A)), formed in place in the product's memory.
-        d_scores = d_probs.mul_(probs)
-        d_scores.addcmul_(probs, d_scores.sum(-1, keepdim=True), value=-1.0)
-        d_query[:, :, rows] = torch.matmul(d_scores, key[:, :, keys]) * call.scale
-        d_key[:, :, keys] += torch.matmul(d_scores.transpose(-1, -2), dense.query[:, :, rows])
-        d_value[:, :, keys] += torch.matmul(probs.transpose(-1, -2), d_out[:, :, rows])
-        if mask_grad:
-            d_scores_all.append(d_scores)
+        if d_scores is not None:
+            loop.accumulate(rows, probs, d_scores)
+            if mask_grad:
+                d_scores_all.append(d_scores.clone())
     if not need_input_grads:
         return None, None, None, None
-    assert d_query is not None and d_key is not None and d_value is not None
-    d_key = _reduce_heads(d_key * call.scale, call.key.shape[1])
-    d_value = _reduce_heads(d_value, call.value.shape[1])
+    d_query, d_key, d_value = loop.input_grads()
     d_mask = _sum_to(torch.cat(d_scores_all, dim=2), call.mask) if mask_grad else None
-    return (
-        d_query.to(call.query.dtype),
-        d_key.to(call.key.dtype),
-        d_value.to(call.value.dtype),
-        d_mask,
-    )
+    return d_query, d_key, d_value, d_mask
 
 
-def _dense(call: AttentionCall) -> AttentionCall:
-    """The call with float32, contiguous, head-expanded tensors, formed once per layer.
+class _BlockLoop:
+    """The state of :func:`attention_backward` for one call: inputs, buffers, gradients.
 
-    Attention layouts are often transposed views; a block-wise matmul on one would copy the
-    whole key or value for every block.
+    Inputs are float32, contiguous and head-expanded, formed once per call (attention layouts
+    are often transposed views, and a block-wise product on one would copy the whole key or
+    value for every block), and viewed as ``(B·H, N, D)`` for batched products. ``Q`` is
+    scaled once, so ``dK = dSᵀ·(Q·scale)`` needs no further scaling.
     """
-    heads = call.query.shape[1]
-    return AttentionCall(
-        call.query.float().contiguous(),
-        _expand_heads(call.key, heads).float().contiguous(),
-        _expand_heads(call.value, heads).float().contiguous(),
-        call.mask,
-        call.is_causal,
-        call.scale,
-    )
+
+    def __init__(
+        self, call: AttentionCall, grad_output: Tensor, block_rows: int, need_input_grads: bool
+    ) -> None:
+        self.call = call
+        batch, heads, self.n_query, self.n_key = call.shape
+        self.batch, self.heads = batch, heads
+        flat = batch * heads
+        self.query = (call.query.float() * call.scale).reshape(flat, self.n_query, -1)
+        self.key = _expand_heads(call.key, heads).float().reshape(flat, self.n_key, -1)
+        self.value = _expand_heads(call.value, heads).float().reshape(flat, self.n_key, -1)
+        self.d_out = grad_output.float().reshape(flat, self.n_query, -1)
+        self.blocked = None
+        self.maybe_empty_rows = call.mask is not None
+        if call.mask is not None and call.mask.dtype == torch.bool:
+            self.blocked = _as_4d(call.mask).logical_not()
+            self.maybe_empty_rows = bool(self.blocked.all(-1).any())
+        size = flat * min(block_rows, self.n_query) * self.n_key
+        device = call.query.device
+        self.scores, self.probs, self.d_probs = (
+            torch.empty(size, device=device) for _ in range(3)
+        )
+        self.need_input_grads = need_input_grads
+        if need_input_grads:
+            self.d_query_blocks: list[Tensor] = []
+            self.d_key = torch.zeros_like(self.key)
+            self.d_value = torch.zeros_like(self.value)
+
+    def block(self, rows: slice, width: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``A``, ``dA`` and (when input grads are needed) ``dS``, each ``(B, H, r, w)``."""
+        n_rows = rows.stop - rows.start
+        shape4, shape3 = (self.batch, self.heads, n_rows, width), (-1, n_rows, width)
+        count = self.batch * self.heads * n_rows * width
+        scores = self.scores[:count].view(shape3)
+        torch.bmm(self.query[:, rows], self.key[:, :width].transpose(1, 2), out=scores)
+        scores4 = scores.view(shape4)
+        self._mask(scores4, rows, width)
+        probs = self.probs[:count].view(shape4)
+        torch.softmax(scores4, dim=-1, out=probs)
+        if self.maybe_empty_rows:
+            probs.nan_to_num_(0.0)
+        d_probs = self.d_probs[:count].view(shape3)
+        torch.bmm(self.d_out[:, rows], self.value[:, :width].transpose(1, 2), out=d_probs)
+        d_probs4 = d_probs.view(shape4)
+        if not self.need_input_grads:
+            return probs, d_probs4, None
+        # dS = A ⊙ (dA − rowsum(dA ⊙ A)), torch's fused softmax backward, into the scores' memory.
+        torch.ops.aten._softmax_backward_data.out(
+            d_probs4, probs, -1, torch.float32, grad_input=scores4
+        )
+        return probs, d_probs4, scores4
+
+    def _mask(self, scores: Tensor, rows: slice, width: int) -> None:
+        mask = self.call.mask
+        if self.blocked is not None:
+            scores.masked_fill_(_mask_rows(self.blocked, rows)[..., :width], float("-inf"))
+        elif mask is not None:
+            scores += _mask_rows(mask, rows)[..., :width]
+        if self.call.is_causal:
+            index = torch.arange(rows.start, rows.stop, device=scores.device)
+            future = index[:, None] < torch.arange(width, device=scores.device)[None, :]
+            scores.masked_fill_(future, float("-inf"))
+
+    def accumulate(self, rows: slice, probs: Tensor, d_scores: Tensor) -> None:
+        """Add one block's share to ``dQ``, ``dK`` and ``dV``."""
+        width = probs.shape[-1]
+        d_scores3 = d_scores.reshape(-1, *d_scores.shape[2:])
+        probs3 = probs.reshape(-1, *probs.shape[2:])
+        self.d_query_blocks.append(torch.bmm(d_scores3, self.key[:, :width]))
+        self.d_key[:, :width].baddbmm_(d_scores3.transpose(1, 2), self.query[:, rows])
+        self.d_value[:, :width].baddbmm_(probs3.transpose(1, 2), self.d_out[:, rows])
+
+    def input_grads(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dQ, dK, dV)`` in the inputs' shapes and dtypes, heads summed back to ``Hk``."""
+        call, shape = self.call, (self.batch, self.heads, -1, self.key.shape[-1])
+        d_query = torch.cat(self.d_query_blocks, dim=1).mul_(call.scale).view(shape)
+        d_key = _reduce_heads(self.d_key.view(shape), call.key.shape[1])
+        d_value = _reduce_heads(
+            self.d_value.view(self.batch, self.heads, -1, self.value.shape[-1]),
+            call.value.shape[1],
+        )
+        return (
+            d_query.to(call.query.dtype),
+            d_key.to(call.key.dtype),
+            d_value.to(call.value.dtype),
+        )
 
 
 def _sum_to(grad: Tensor, mask: Tensor | None) -> Tensor:

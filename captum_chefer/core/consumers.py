@@ -55,7 +55,7 @@ class RowRelevance:
     def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
         if index >= self.start_layer:
             assert self._propagation is not None
-            self._propagation.add_block(rows, head_reduce(probs, grad_probs))
+            self._propagation.add_block(rows, head_reduce(probs, grad_probs, overwrite=True))
 
     def end_layer(self, index: int) -> None:
         if index >= self.start_layer:

@@ -9,12 +9,14 @@ import torch
 from torch import Tensor
 
 
-def head_reduce(probs: Tensor, grad_probs: Tensor) -> Tensor:
+def head_reduce(probs: Tensor, grad_probs: Tensor, overwrite: bool = False) -> Tensor:
     """ICCV 2021 eq. 5: ``Abar = mean_h(clamp(dA ⊙ A, min=0))``. Clamp first, then average.
 
     Args:
         probs: post-softmax attention ``(B, H, Nq, Nk)``.
         grad_probs: its gradient ``(B, H, Nq, Nk)``.
+        overwrite: form ``dA ⊙ A`` in ``grad_probs``'s memory (float32 only), which saves a
+            block-sized allocation when ``dA`` is scratch, as in the engine's blocks.
 
     Returns:
         ``(B, Nq, Nk)`` in float32.
@@ -25,6 +27,8 @@ def head_reduce(probs: Tensor, grad_probs: Tensor) -> Tensor:
         >>> head_reduce(a, g)
         tensor([[[1., 0.]]])
     """
+    if overwrite and grad_probs.dtype == torch.float32:
+        return grad_probs.mul_(probs).clamp_(min=0).mean(1)
     return (grad_probs.float() * probs.float()).clamp_(min=0).mean(1)
 
 
