@@ -95,6 +95,27 @@ def test_fully_masked_rows_give_zero_probabilities_not_nan():
     assert (probs[:, :, 2] == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["bool+causal", "float"])
+def test_rows_masked_everywhere_give_zero_blocks_and_finite_grads(kind):
+    if kind == "float":  # row 2 blocked at every key by an additive -inf mask
+        mask = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+        mask[:, :, 2] = float("-inf")
+    else:  # the bool mask lets row 2 see only later keys, which the causal mask then hides
+        mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+        mask[:, :, 2, :3] = False
+    call = _random_call(mask=mask, causal=kind != "float")
+    blocks = []
+    grads = attention_backward(
+        call,
+        torch.randn(2, 4, 6, 5, dtype=torch.float64),
+        lambda r, p, g: blocks.append(p.clone()),
+        4,
+    )
+    probs = torch.cat(blocks, dim=2)
+    assert not probs.isnan().any() and (probs[:, :, 2] == 0).all()
+    assert all(grad.isfinite().all() for grad in grads[:3])
+
+
 def _llama_case():
     model = models.llama()
     ids = torch.randint(5, 100, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -228,11 +228,11 @@ class _BlockLoop:
         self.key = _expand_heads(call.key, heads).float().reshape(flat, self.n_key, -1)
         self.value = _expand_heads(call.value, heads).float().reshape(flat, self.n_key, -1)
         self.d_out = grad_output.float().reshape(flat, self.n_query, -1)
-        self.blocked = None
-        self.maybe_empty_rows = call.mask is not None
+        self.blocked = None  # True where a bool mask blocks, formed once
+        self.maybe_empty_rows = call.mask is not None  # rows whose every key is masked
         if call.mask is not None and call.mask.dtype == torch.bool:
             self.blocked = _as_4d(call.mask).logical_not()
-            self.maybe_empty_rows = bool(self.blocked.all(-1).any())
+            self.maybe_empty_rows = call.is_causal or bool(self.blocked.all(-1).any())
         size = flat * min(block_rows, self.n_query) * self.n_key
         device = call.query.device
         self.scores, self.probs, self.d_probs = (
