@@ -26,32 +26,22 @@ from ..core import (
 )
 from ..core.tokens import SelfRelevance, TokenIndex
 from ._captum import TargetType, log_usage
-from .base import AttentionAttribution, Output
-
-_SHARED_ARGS = """
-            inputs: a tensor or tuple of tensors, passed first to ``forward_func``: token ids
-                ``(B, T)``, embeddings ``(B, T, D)`` or images ``(B, C, H, W)``.
-            target: Captum's target; None explains the predicted class.
-            additional_forward_args: passed positionally after ``inputs``.
-            token_index: the row to read: ``"auto"`` (the last real token when attention is
-                causal, else the first), an int, ``"mean"`` or a LongTensor ``(B,)``.
-            output: ``"input"`` maps the row onto each input; ``"token"`` returns ``(B, N)``.
-            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
-            block_bytes: memory for one block of recomputed attention; default 4 MiB on CPU,
-                256 MiB on GPU.
-            num_prefix_tokens: tokens before the patch grid; inferred from the image if None.
-            patch_grid: ``(rows, cols)`` of patches; inferred if None.
-
-        Returns:
-            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
-            ``output="token"``. Padding tokens get exactly 0."""
+from .base import AttentionAttribution
+from .engine import Output, Read, ReadSpec
 
 
-def _with_shared_args(method: Any) -> Any:
-    """Fill the ``{shared_args}`` slot of ``method``'s docstring with the common arguments."""
-    if method.__doc__:
-        method.__doc__ = method.__doc__.replace("{shared_args}", _SHARED_ARGS.strip())
-    return method
+def _spec(
+    token_index: TokenIndex,
+    output: Output,
+    self_relevance: SelfRelevance,
+    num_prefix_tokens: int | None,
+    patch_grid: tuple[int, int] | None,
+) -> ReadSpec:
+    """One row of the one stream, mapped onto every input: the single-stream read spec."""
+    read = Read("tokens", "tokens", token_index)
+    return ReadSpec(
+        (read,), self_relevance, output, num_prefix_tokens, patch_grid, one_token_row=True
+    )
 
 
 class RawAttention(AttentionAttribution):
@@ -71,7 +61,6 @@ class RawAttention(AttentionAttribution):
     """
 
     @log_usage()
-    @_with_shared_args
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -88,20 +77,17 @@ class RawAttention(AttentionAttribution):
         """The last layer's head-mean attention from the read token to every token.
 
         Args:
-            {shared_args}
+            inputs, target, additional_forward_args, token_index, output, block_bytes,
+                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
+            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        Returns:
+            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
+            ``output="token"``; padding at exactly 0.
         """
-        return self._attribute(
-            RawAttentionReader(),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
+        reader = RawAttentionReader()
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
 
 
 class AttentionRollout(AttentionAttribution):
@@ -127,7 +113,6 @@ class AttentionRollout(AttentionAttribution):
     """
 
     @log_usage()
-    @_with_shared_args
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -148,22 +133,19 @@ class AttentionRollout(AttentionAttribution):
         Args:
             start_layer: the first attention layer (forward order) in the product.
             head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-            {shared_args}
+            inputs, target, additional_forward_args, token_index, output, block_bytes,
+                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
+            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        Returns:
+            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
+            ``output="token"``; padding at exactly 0.
         """
         if head_fusion not in ("mean", "max", "min"):
             raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', not {head_fusion!r}")
-        return self._attribute(
-            RolloutReader(start_layer, head_fusion),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
+        reader = RolloutReader(start_layer, head_fusion)
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
 
 
 class AttentionGradCAM(AttentionAttribution):
@@ -192,7 +174,6 @@ class AttentionGradCAM(AttentionAttribution):
     """
 
     @log_usage()
-    @_with_shared_args
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -209,20 +190,17 @@ class AttentionGradCAM(AttentionAttribution):
         """The last layer's attention row, weighted per head by its mean gradient, clamped.
 
         Args:
-            {shared_args}
+            inputs, target, additional_forward_args, token_index, output, block_bytes,
+                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
+            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        Returns:
+            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
+            ``output="token"``; padding at exactly 0.
         """
-        return self._attribute(
-            AttentionGradCAMReader(),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
+        reader = AttentionGradCAMReader()
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
 
 
 class GradientRollout(AttentionAttribution):
@@ -247,7 +225,6 @@ class GradientRollout(AttentionAttribution):
     """
 
     @log_usage()
-    @_with_shared_args
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -266,17 +243,14 @@ class GradientRollout(AttentionAttribution):
 
         Args:
             start_layer: the first attention layer (forward order) in the product.
-            {shared_args}
+            inputs, target, additional_forward_args, token_index, output, block_bytes,
+                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
+            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        Returns:
+            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
+            ``output="token"``; padding at exactly 0.
         """
-        return self._attribute(
-            GradientRolloutReader(start_layer),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
+        reader = GradientRolloutReader(start_layer)
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)

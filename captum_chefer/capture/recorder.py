@@ -9,11 +9,12 @@ protocol) turns each attention call into either
 - explicit probabilities ``A`` ``(B, H, Nq, Nk)``, passed through an identity whose backward
   sees ``dA``.
 
-Either way the backward pass hands ``(A, dA)`` blocks to a :class:`Consumer`, layer by layer,
-last layer first, and nothing else about the model's gradients changes. A shared leaf, the
-*anchor*, is an input of every captured call, so ``torch.autograd.grad(output, anchor)`` runs
-exactly the backward the relevance needs: no parameter gradients, nothing below the first layer.
-A model split over several devices gets one anchor per device, so no layer is cut off.
+Either way the backward pass hands ``(A, dA)`` blocks to a
+:class:`~captum_chefer.core.readers.Reader`, layer by layer, last layer first, and nothing else
+about the model's gradients changes. A shared leaf, the *anchor*, is an input of every captured
+call, so ``torch.autograd.grad(output, anchor)`` runs exactly the backward the relevance needs:
+no parameter gradients, nothing below the first layer. A model split over several devices gets
+one anchor per device, so no layer is cut off.
 
 After the forward, :meth:`Recorder.keep_on_path` checks which calls the explained output
 depends on (see :mod:`~captum_chefer.capture.graph`) and keeps only those, renumbered in
@@ -26,26 +27,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.attention import AttentionCall, attention_backward, block_rows_for
+from ..core.readers import Reader
 from .graph import Dependencies, dependencies
-
-
-class Consumer(Protocol):
-    """Receives each layer's ``(A, dA)`` during the backward pass, last layer first."""
-
-    def begin_layer(self, index: int, call: AttentionCall | None, shape: tuple[int, ...]) -> None:
-        """Layer ``index`` (forward order) starts; ``shape`` is ``(B, H, Nq, Nk)``."""
-
-    def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-        """Query ``rows`` of layer ``index``: ``A`` and ``dA``, ``(B, H, r, Nk)`` float32."""
-
-    def end_layer(self, index: int) -> None:
-        """Layer ``index`` is complete."""
 
 
 @dataclass
@@ -83,9 +72,9 @@ class CallRecord:
 
 @dataclass
 class Recorder:
-    """Collects attention calls in forward order and feeds their backward to a consumer."""
+    """Collects attention calls in forward order and feeds their backward to a reader."""
 
-    consumer: Consumer | None = None
+    consumer: Reader | None = None
     block_bytes: int | None = None
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
     """One gradient leaf per device that attention ran on."""
@@ -190,7 +179,7 @@ class Recorder:
     def backward_call(self, record: CallRecord, call: AttentionCall, grad_output: Tensor):
         consumer = self.consumer
         if consumer is not None:
-            consumer.begin_layer(record.index, call, record.shape)
+            consumer.begin_layer(record.index, record.shape)
 
         def feed(rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
             assert consumer is not None
@@ -202,7 +191,7 @@ class Recorder:
             feed if consumer is not None else None,
             block_rows_for(call, self.block_bytes),
             need_input_grads=record.depends_on_captured,
-            key_prefix_blocks=getattr(consumer, "accepts_key_prefix_blocks", False),
+            key_prefix_blocks=consumer is not None and consumer.key_prefix_blocks,
         )
         if consumer is not None:
             consumer.end_layer(record.index)
@@ -213,7 +202,7 @@ class Recorder:
             return
         assert record.probs is not None
         probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
-        self.consumer.begin_layer(record.index, None, record.shape)
+        self.consumer.begin_layer(record.index, record.shape)
         self.consumer.add_block(record.index, slice(None), probs.float(), grad_probs.float())
         self.consumer.end_layer(record.index)
 
