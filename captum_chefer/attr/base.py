@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..core.readers import Reader
 from ..families import SELF_ATTENTION, StreamMap
 from ._captum import GradientAttribution, TargetType
-from .engine import ReadSpec, explain
+from .engine import ReadSpec, Subject, explain
 
 
 class ModelAttribution(GradientAttribution):
@@ -59,9 +59,7 @@ class AttentionAttribution(ModelAttribution):
     ) -> Tensor | tuple[Tensor, ...]:
         """Run the one flow with this class's reader, stream map and read spec."""
         return explain(
-            type(self).__name__,
-            self.forward_func,
-            self.model,
+            Subject(type(self).__name__, self.forward_func, self.model),
             reader,
             streams,
             spec,

@@ -13,7 +13,7 @@ or ``"keep"``. With ``token_index="mean"`` pass ``"keep"``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -24,6 +24,7 @@ from ..core import (
     RawAttentionReader,
     RolloutReader,
 )
+from ..core.readers import Reader
 from ..core.tokens import SelfRelevance, TokenIndex
 from ._captum import TargetType, log_usage
 from .base import AttentionAttribution
@@ -44,21 +45,10 @@ def _spec(
     )
 
 
-class RawAttention(AttentionAttribution):
-    """Raw attention: the last layer's head-mean attention at the read row, ``mean_h(A_L)[c]``.
+class _LastLayerBaseline(AttentionAttribution):
+    """A baseline read off the last attention layer by a reader without options."""
 
-    The "raw attention" baseline of Chefer, Gur & Wolf (CVPR 2021, Sec. 4; ICCV 2021, Sec. 4).
-
-    Example:
-        >>> import torch
-        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
-        >>> x = torch.randn(2, 5, 16)
-        >>> row = RawAttention(model).attribute(x, target=0, output="token", self_relevance="keep")
-        >>> torch.allclose(row.sum(1), torch.ones(2))  # one attention row per example
-        True
-    """
+    reader_type: ClassVar[type[Reader]]
 
     @log_usage()
     def attribute(
@@ -74,20 +64,41 @@ class RawAttention(AttentionAttribution):
         num_prefix_tokens: int | None = None,
         patch_grid: tuple[int, int] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
-        """The last layer's head-mean attention from the read token to every token.
+        """The read row of the last attention layer, reduced as the class describes.
 
         Args:
-            inputs, target, additional_forward_args, token_index, output, block_bytes,
-                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
             self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        The other arguments (``inputs``, ``target``, ``additional_forward_args``,
+        ``token_index``, ``output``, ``block_bytes``, ``num_prefix_tokens``, ``patch_grid``)
+        are those of :meth:`CheferRelevance.attribute`.
 
         Returns:
             Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
             ``output="token"``; padding at exactly 0.
         """
         spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
-        reader = RawAttentionReader()
+        reader = self.reader_type()
         return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
+
+
+class RawAttention(_LastLayerBaseline):
+    """Raw attention: the last layer's head-mean attention at the read row, ``mean_h(A_L)[c]``.
+
+    The "raw attention" baseline of Chefer, Gur & Wolf (CVPR 2021, Sec. 4; ICCV 2021, Sec. 4).
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
+        >>> x = torch.randn(2, 5, 16)
+        >>> row = RawAttention(model).attribute(x, target=0, output="token", self_relevance="keep")
+        >>> torch.allclose(row.sum(1), torch.ones(2))  # one attention row per example
+        True
+    """
+
+    reader_type = RawAttentionReader
 
 
 class AttentionRollout(AttentionAttribution):
@@ -133,9 +144,11 @@ class AttentionRollout(AttentionAttribution):
         Args:
             start_layer: the first attention layer (forward order) in the product.
             head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-            inputs, target, additional_forward_args, token_index, output, block_bytes,
-                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
             self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        The other arguments (``inputs``, ``target``, ``additional_forward_args``,
+        ``token_index``, ``output``, ``block_bytes``, ``num_prefix_tokens``, ``patch_grid``)
+        are those of :meth:`CheferRelevance.attribute`.
 
         Returns:
             Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
@@ -148,7 +161,7 @@ class AttentionRollout(AttentionAttribution):
         return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
 
 
-class AttentionGradCAM(AttentionAttribution):
+class AttentionGradCAM(_LastLayerBaseline):
     """Attention Grad-CAM, the baseline of Chefer, Gur & Wolf (CVPR 2021).
 
     Chefer, Gur, Wolf, "Transformer Interpretability Beyond Attention Visualization", CVPR
@@ -173,34 +186,7 @@ class AttentionGradCAM(AttentionAttribution):
         (torch.Size([2, 5]), True, True)
     """
 
-    @log_usage()
-    def attribute(
-        self,
-        inputs: Tensor | tuple[Tensor, ...],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        token_index: TokenIndex = "auto",
-        output: Output = "input",
-        self_relevance: SelfRelevance = "zero",
-        block_bytes: int | None = None,
-        num_prefix_tokens: int | None = None,
-        patch_grid: tuple[int, int] | None = None,
-    ) -> Tensor | tuple[Tensor, ...]:
-        """The last layer's attention row, weighted per head by its mean gradient, clamped.
-
-        Args:
-            inputs, target, additional_forward_args, token_index, output, block_bytes,
-                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
-            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
-
-        Returns:
-            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
-            ``output="token"``; padding at exactly 0.
-        """
-        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
-        reader = AttentionGradCAMReader()
-        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
+    reader_type = AttentionGradCAMReader
 
 
 class GradientRollout(AttentionAttribution):
@@ -243,9 +229,11 @@ class GradientRollout(AttentionAttribution):
 
         Args:
             start_layer: the first attention layer (forward order) in the product.
-            inputs, target, additional_forward_args, token_index, output, block_bytes,
-                num_prefix_tokens, patch_grid: as in :meth:`CheferRelevance.attribute`.
             self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        The other arguments (``inputs``, ``target``, ``additional_forward_args``,
+        ``token_index``, ``output``, ``block_bytes``, ``num_prefix_tokens``, ``patch_grid``)
+        are those of :meth:`CheferRelevance.attribute`.
 
         Returns:
             Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with

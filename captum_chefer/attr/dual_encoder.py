@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.bimodal import MultiStreamReader
-from ..core.tokens import SelfRelevance, TokenIndex
+from ..core.tokens import SelfRelevance, TokenIndex, per_example
 from ..families import StreamMap, family_named, pooled_text_token
 from ._captum import TargetType, _format_additional_forward_args, log_usage
 from .base import AttentionAttribution
@@ -174,12 +174,8 @@ def _pair_index(target: TargetType, n_images: int, n_texts: int, device: torch.d
                 f"{n_texts} texts; pass target= with the text index for each image."
             )
         return torch.arange(n_images, device=device)
-    index = torch.as_tensor(target, device=device, dtype=torch.long).reshape(-1)
-    if index.numel() == 1:
-        index = index.expand(n_images)
-    if index.numel() != n_images:
-        raise ValueError(
-            f"target has {index.numel()} entries for {n_images} images; give one text index per "
-            "image, a single int, or None for the diagonal pairs."
-        )
-    return index
+    error = (
+        "target has {n} entries for {batch} images; give one text index per image, a single "
+        "int, or None for the diagonal pairs."
+    )
+    return per_example(torch.as_tensor(target, device=device), n_images, error)

@@ -85,6 +85,21 @@ class ReadSpec:
     one_token_row: bool = False
 
 
+@dataclass(frozen=True)
+class Subject:
+    """What is explained.
+
+    Attributes:
+        name: the attribution class's name, for error messages.
+        forward_func: the callable run on the inputs.
+        model: the module whose attention is captured (None: whatever runs on this thread).
+    """
+
+    name: str
+    forward_func: Callable[..., Any]
+    model: nn.Module | None
+
+
 @dataclass
 class Explained:
     """What :func:`read_rows` produced: one row per read, the trace, and any patch positions."""
@@ -95,9 +110,7 @@ class Explained:
 
 
 def explain(
-    name: str,
-    forward_func: Callable[..., Any],
-    model: nn.Module | None,
+    subject: Subject,
     reader: Reader,
     streams: StreamMap,
     spec: ReadSpec,
@@ -109,11 +122,9 @@ def explain(
     """Run the flow (see the module) and return Captum-formatted relevance."""
     is_inputs_tuple = _is_tuple(inputs)
     inputs_tuple = _format_tensor_into_tuples(inputs)
-    spec = _one_read_per_input(name, spec, len(inputs_tuple))
+    spec = _one_read_per_input(subject.name, spec, len(inputs_tuple))
     explained = read_rows(
-        name,
-        forward_func,
-        model,
+        subject,
         reader,
         streams,
         spec,
@@ -154,9 +165,7 @@ def _one_read_per_input(name: str, spec: ReadSpec, n_inputs: int) -> ReadSpec:
 
 
 def read_rows(
-    name: str,
-    forward_func: Callable[..., Any],
-    model: nn.Module | None,
+    subject: Subject,
     reader: Reader,
     streams: StreamMap,
     spec: ReadSpec,
@@ -173,16 +182,17 @@ def read_rows(
         and read.token_index == "mean"
         for read in spec.reads
     )
+    name = subject.name
     check_self_relevance(reader, spec.self_relevance, reads_all, name)
     prepared: dict[str, Any] = {}
 
     def prepare(trace: Trace) -> None:
         prepared.update(prepare_reader(name, trace, reader, streams, spec, inputs))
 
-    with recorded_patch_positions(model) as positions:
+    with recorded_patch_positions(subject.model) as positions:
         trace = trace_attention(
-            forward_func,
-            model,
+            subject.forward_func,
+            subject.model,
             inputs,
             target,
             additional_forward_args,

@@ -31,7 +31,7 @@ from ._captum import (
     TokenizerLike,
     _convert_ids_to_pretty_tokens,
 )
-from .engine import Explained, Read, ReadSpec, read_rows
+from .engine import Explained, Read, ReadSpec, Subject, read_rows
 from .trace import Trace
 
 Score = Literal["logit", "log_prob"]
@@ -216,10 +216,8 @@ class CheferLLMAttribution(Attribution):
     ) -> Explained:
         """The one flow, read as token rows (``output="token"``)."""
         spec = ReadSpec(reads, self_relevance, "token")
-        name = type(self).__name__
-        return read_rows(
-            name, forward, self.model, reader, streams, spec, inputs, target_ids, None, block_bytes
-        )
+        subject = Subject(type(self).__name__, forward, self.model)
+        return read_rows(subject, reader, streams, spec, inputs, target_ids, None, block_bytes)
 
     def _explain_seq2seq(
         self,

@@ -54,14 +54,7 @@ def row_weights(token_index: TokenIndex, real: Tensor, causal: bool | Tensor) ->
         first = torch.where(real, positions, size).amin(1)
         index = torch.where(torch.as_tensor(causal, device=real.device), last, first)
     elif isinstance(token_index, Tensor):
-        index = token_index.to(device=real.device, dtype=torch.long).reshape(-1)
-        if index.numel() == 1:
-            index = index.expand(batch)
-        if index.numel() != batch:
-            raise ValueError(
-                f"token_index has {index.numel()} entries for a batch of {batch}; "
-                "give one index per example."
-            )
+        index = per_example(token_index.to(real.device), batch, TOO_FEW_INDEXES)
     elif isinstance(token_index, int):
         index = torch.full((batch,), token_index, device=real.device, dtype=torch.long)
     else:
@@ -77,6 +70,26 @@ def row_weights(token_index: TokenIndex, real: Tensor, causal: bool | Tensor) ->
     rows = F.one_hot(index, size).float()
     _check_reads_real_tokens(rows, real, token_index)
     return rows
+
+
+TOO_FEW_INDEXES = "token_index has {n} entries for a batch of {batch}; give one index per example."
+
+
+def per_example(index: Tensor | int | list[int], batch: int, error: str) -> Tensor:
+    """``index`` as a LongTensor ``(batch,)``: one per example, or one for all.
+
+    ``error`` is formatted with ``n`` (entries given) and ``batch`` when the count is wrong.
+
+    Example:
+        >>> per_example(3, 2, "{n} for {batch}")
+        tensor([3, 3])
+    """
+    flat = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    if flat.numel() == 1:
+        flat = flat.expand(batch)
+    if flat.numel() != batch:
+        raise ValueError(error.format(n=flat.numel(), batch=batch))
+    return flat
 
 
 def _check_has_real_tokens(real: Tensor) -> None:
