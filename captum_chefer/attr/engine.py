@@ -100,6 +100,14 @@ class Subject:
     model: nn.Module | None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What step 3 found: the real-token masks by stream, and each read as resolved."""
+
+    real: dict[str, Tensor]
+    reads: list[Read]
+
+
 @dataclass
 class Explained:
     """What :func:`read_rows` produced: one row per read, the trace, and any patch positions."""
@@ -184,10 +192,10 @@ def read_rows(
     )
     name = subject.name
     check_self_relevance(reader, spec.self_relevance, reads_all, name)
-    prepared: dict[str, Any] = {}
+    prepared: list[Prepared] = []
 
     def prepare(trace: Trace) -> None:
-        prepared.update(prepare_reader(name, trace, reader, streams, spec, inputs))
+        prepared.append(prepare_reader(name, trace, reader, streams, spec, inputs))
 
     with recorded_patch_positions(subject.model) as positions:
         trace = trace_attention(
@@ -201,12 +209,12 @@ def read_rows(
             block_bytes,
             scope_modules=streams.needs_module_names,
         )
-    real, resolved = prepared["real"], prepared["reads"]
+    real = prepared[0].real
     rows = [
         reader.read(spec.self_relevance, read.stream, read.read_stream).masked_fill(
             ~real[read.stream], 0.0
         )
-        for read in resolved
+        for read in prepared[0].reads
     ]
     return Explained(rows, trace, positions)
 
@@ -218,11 +226,8 @@ def prepare_reader(
     streams: StreamMap,
     spec: ReadSpec,
     inputs: tuple[Tensor, ...],
-) -> dict[str, Any]:
-    """Step 3: check the attention, lay out the streams, find the rows, prepare the reader.
-
-    Returns the real-token masks by stream and each read as resolved (pooling streams).
-    """
+) -> Prepared:
+    """Step 3: check the attention, lay out the streams, find the rows, prepare the reader."""
     records = trace.records
     steps = streams.steps(records)
     check_attention(trace, steps, name)
@@ -238,12 +243,7 @@ def prepare_reader(
         )
     check_start_layer(reader.start_layer, len(records))
     real = _real_tokens(trace, layout)
-    weights: dict[str, Tensor] = {}
-    for read in resolved:
-        causal = read.causal if read.causal is not None else _read_causality(trace, layout, read)
-        weights[read.read_stream] = row_weights(read.token_index, real[read.read_stream], causal)
-        if read.read_stream == read.stream:
-            check_something_left(weights[read.read_stream], real[read.stream], spec.self_relevance)
+    weights = _row_weights(trace, layout, resolved, real, spec.self_relevance)
     shapes = [tensor.shape for tensor in inputs]
     prefix = prefix_tokens(
         layout.sizes[first.read_stream], shapes, spec.num_prefix_tokens, spec.patch_grid
@@ -253,7 +253,30 @@ def prepare_reader(
         weights[first.read_stream], real[first.read_stream], len(records), prefix, layout, more
     )
     reader.prepare(setup)
-    return {"real": real, "reads": resolved}
+    return Prepared(real, resolved)
+
+
+def _row_weights(
+    trace: Trace,
+    layout: StreamLayout,
+    reads: Sequence[Read],
+    real: dict[str, Tensor],
+    self_relevance: SelfRelevance,
+) -> dict[str, Tensor]:
+    """The rows read, by read stream; every read of one stream must read the same rows."""
+    weights: dict[str, Tensor] = {}
+    for read in reads:
+        causal = read.causal if read.causal is not None else _read_causality(trace, layout, read)
+        rows = row_weights(read.token_index, real[read.read_stream], causal)
+        if read.read_stream in weights and not torch.equal(weights[read.read_stream], rows):
+            raise ValueError(
+                f"Two inputs are read from different tokens of the stream {read.read_stream!r}, "
+                "which one backward pass cannot give; explain them in separate calls."
+            )
+        weights[read.read_stream] = rows
+        if read.read_stream == read.stream:
+            check_something_left(rows, real[read.stream], self_relevance)
+    return weights
 
 
 def _pooled(read: Read, streams: StreamMap, steps: Sequence[Sequence[Edge]]) -> Read:

@@ -191,7 +191,7 @@ def is_causal(record: CallRecord) -> Tensor | bool:
     call = record.call
     if call is not None and call.mask is None:
         return call.is_causal
-    attendable = record.allowed()
+    attendable = record.attendable()
     assert attendable is not None
     per_query = attendable.any(1)
     n_query, n_key = record.shape[2:]
@@ -202,7 +202,7 @@ def is_causal(record: CallRecord) -> Tensor | bool:
 def real_keys(record: CallRecord) -> Tensor:
     """Bool ``(B, Nk)``: False at keys no query of ``record`` attends (padding)."""
     batch, _, _, n_key = record.shape
-    attendable = record.allowed()
+    attendable = record.attendable()
     if attendable is None:
         assert record.call is not None
         return torch.ones(batch, n_key, dtype=torch.bool, device=record.call.query.device)

@@ -62,8 +62,9 @@ class CallRecord:
         if self.folded and self.shape[0] % batch == 0:
             self.shape = (batch, self.shape[0] // batch, *self.shape[2:])
 
-    def allowed(self) -> Tensor | None:
-        """Bool ``(B|1, H|1, Nq, Nk)`` of attended positions, or None when all are."""
+    def attendable(self) -> Tensor | None:
+        """Bool ``(B|1, H|1, Nq, Nk)`` of the (query, key) positions attended, or None when all
+        are (the call's :meth:`~captum_chefer.core.attention.AttentionCall.allowed`)."""
         if self.call is not None:
             return self.call.allowed()
         assert self.probs is not None
@@ -74,7 +75,7 @@ class CallRecord:
 class Recorder:
     """Collects attention calls in forward order and feeds their backward to a reader."""
 
-    consumer: Reader | None = None
+    reader: Reader | None = None
     block_bytes: int | None = None
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
     """One gradient leaf per device that attention ran on."""
@@ -177,38 +178,38 @@ class Recorder:
         return self._keep(record, output)
 
     def backward_call(self, record: CallRecord, call: AttentionCall, grad_output: Tensor):
-        consumer = self.consumer
-        if consumer is not None:
-            consumer.begin_layer(record.index, record.shape)
+        reader = self.reader
+        if reader is not None:
+            reader.begin_layer(record.index, record.shape)
 
         def feed(rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-            assert consumer is not None
-            consumer.add_block(record.index, rows, probs, grad_probs)
+            assert reader is not None
+            reader.add_block(record.index, rows, probs, grad_probs)
 
         grads = attention_backward(
             call,
             grad_output,
-            feed if consumer is not None else None,
+            feed if reader is not None else None,
             block_rows_for(call, self.block_bytes),
             need_input_grads=record.depends_on_captured,
-            key_prefix_blocks=consumer is not None and consumer.key_prefix_blocks,
+            key_prefix_blocks=reader is not None and reader.key_prefix_blocks,
         )
-        if consumer is not None:
-            consumer.end_layer(record.index)
+        if reader is not None:
+            reader.end_layer(record.index)
         return grads
 
     def backward_probs(self, record: CallRecord, grad_probs: Tensor) -> None:
-        if self.consumer is None or record.superseded:
+        if self.reader is None or record.superseded:
             return
         assert record.probs is not None
         probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
-        self.consumer.begin_layer(record.index, record.shape)
-        self.consumer.add_block(record.index, slice(None), probs.float(), grad_probs.float())
-        self.consumer.end_layer(record.index)
+        self.reader.begin_layer(record.index, record.shape)
+        self.reader.add_block(record.index, slice(None), probs.float(), grad_probs.float())
+        self.reader.end_layer(record.index)
 
 
 class _CapturedKernel(torch.autograd.Function):
-    """The model's own kernel forward; an exact block-wise backward that feeds a consumer."""
+    """The model's own kernel forward; an exact block-wise backward that feeds a reader."""
 
     @staticmethod
     def forward(ctx, recorder, record, kernel, kwargs, anchor, query, key, value, mask):
@@ -227,7 +228,7 @@ class _CapturedKernel(torch.autograd.Function):
 
 
 class _CapturedProbs(torch.autograd.Function):
-    """Identity on attention probabilities whose backward hands ``(A, dA)`` to the consumer."""
+    """Identity on attention probabilities whose backward hands ``(A, dA)`` to the reader."""
 
     @staticmethod
     def forward(ctx, recorder, record, anchor, probs):
