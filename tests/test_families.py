@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import assert_close
 from reference_bimodal import encoder_decoder_rows, hooked_outputs
 
-from captum_chefer import CheferDualEncoder, CheferMultiModal
+from captum_chefer import (
+    CheferDualEncoder,
+    CheferEncoderDecoder,
+    CheferMultiModal,
+    CheferSingleStream,
+)
 from captum_chefer.families import FAMILIES, family_for
 
 transformers = pytest.importorskip("transformers")
@@ -128,3 +134,30 @@ def test_dual_encoder_takes_the_order_of_every_class_and_warns_on_the_old_one():
     for ours in (new, old):
         assert_close(ours[0], expected[0], rtol=1e-6)
         assert_close(ours[1], expected[1], rtol=1e-6)
+
+
+def test_every_class_runs_the_same_checks():
+    """The checks live in the one flow, so the multi-stream classes get them too."""
+    torch.manual_seed(0)
+    config = transformers.VisualBertConfig(vocab_size=100, visual_embedding_dim=12, **TOWER)
+    model = transformers.VisualBertModel(config).eval()
+    ids = torch.randint(4, 90, (2, 5), generator=torch.Generator().manual_seed(1))
+    regions = torch.randn(2, 4, 12, generator=torch.Generator().manual_seed(2))
+
+    def twice(i, v):  # a siamese forward: two runs of the model are not one chain of layers
+        return (
+            model(input_ids=i, visual_embeds=v).pooler_output
+            + model(input_ids=i, visual_embeds=v).pooler_output
+        )
+
+    with pytest.raises(ValueError, match="siamese"):
+        CheferSingleStream(twice, model).attribute((ids, regions), target=0)
+    bart = models.bart()
+    seq2seq = CheferEncoderDecoder(
+        lambda i, d: bart(input_ids=i, decoder_input_ids=d).logits[:, -1], bart
+    )
+    source, prefix = ids, ids[:, :3]
+    with pytest.raises(ValueError, match="self_relevance must be one of"):
+        seq2seq.attribute((source, prefix), 1, self_relevance="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="token_index='mean'"):
+        seq2seq.attribute((source, prefix), 1, token_index="mean", self_relevance="zero")
