@@ -188,6 +188,7 @@ class MultiStreamReader(AbarStore):
     :class:`StreamLayout` of :meth:`prepare` says which streams each call connects.
 
     Example:
+        >>> from captum_chefer.core.readers import StreamLayout
         >>> layout = StreamLayout({"q": 1, "i": 2}, (((0, "i", "i"),), ((1, "q", "i"),)), "q")
         >>> reader = MultiStreamReader()
         >>> reader.prepare(ReadSetup(torch.ones(1, 1), torch.ones(1, 1, dtype=bool), 2, 0, layout))
