@@ -58,7 +58,7 @@ from captum_chefer import (  # noqa: E402
     RawAttention,
 )
 from captum_chefer.attr.trace import trace_attention  # noqa: E402
-from captum_chefer.core import MatrixRelevance  # noqa: E402
+from captum_chefer.core import CheferMatrixReader  # noqa: E402
 from captum_chefer.jobs import JobResults, JobSettings, Method, TensorSource, run_job  # noqa: E402
 
 ATTENTION_METHODS = {
@@ -151,7 +151,7 @@ def pointing_per_class(hits: Tensor, data: ImageSet) -> dict[str, float]:
 
 def cls_row_mass(model: torch.nn.Module, images: Tensor, target: Tensor) -> list[float]:
     """Per layer, the mean of ``Σ_j Abar_l[CLS, j]``: how much each layer can add to R = I + …"""
-    consumer = MatrixRelevance()
+    consumer = CheferMatrixReader()
     trace_attention(model, model, (images,), target, None, consumer)
     return [consumer.abars[index][:, 0].sum(-1).mean().item() for index in sorted(consumer.abars)]
 

@@ -352,7 +352,7 @@ def test_rollout_reader_folds_last_layer_first():
     reader = RolloutReader()
     reader.prepare(ReadSetup(start, torch.ones(1, 3, dtype=torch.bool), 2))
     for index, attention in ((1, second), (0, first)):
-        reader.begin_layer(index, None, (1, 1, 3, 3))
+        reader.begin_layer(index, (1, 1, 3, 3))
         reader.add_block(index, slice(0, 2), attention[:, :, :2], attention[:, :, :2])
         reader.add_block(index, slice(2, 3), attention[:, :, 2:], attention[:, :, 2:])
         reader.end_layer(index)

@@ -32,7 +32,7 @@ from captum_chefer.attr.multimodal import (
 from captum_chefer.core.bimodal import (
     AttentionEdge,
     MultiModalRelevance,
-    normalize_self_relevance,
+    normalized_map,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -56,19 +56,19 @@ def _pick(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def test_normalisation_is_safe_on_zero_rows():
     added = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 2.0]]])
-    normalized = normalize_self_relevance(added)
+    normalized = normalized_map(added)
     assert torch.isfinite(normalized).all()
     expected = torch.tensor([[[1.0, 0.0, 0.0], [0.25, 1.75, 0.0], [0.0, 0.0, 2.0]]])
     assert torch.equal(normalized, expected)
-    assert torch.equal(normalize_self_relevance(torch.zeros(2, 4, 4)), torch.eye(4).expand(2, 4, 4))
+    assert torch.equal(normalized_map(torch.zeros(2, 4, 4)), torch.eye(4).expand(2, 4, 4))
 
 
 def test_normalisation_matches_the_reference_on_random_maps():
     added = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(0))
     added[1, 2] = 0.0
     expected = rownorm_residual(added.double() + torch.eye(5, dtype=torch.float64))
-    assert_close(normalize_self_relevance(added), expected, rtol=1e-6)
-    assert_close((normalize_self_relevance(added) - torch.eye(5)).sum(-1)[0], torch.ones(5), 1e-6)
+    assert_close(normalized_map(added), expected, rtol=1e-6)
+    assert_close((normalized_map(added) - torch.eye(5)).sum(-1)[0], torch.ones(5), 1e-6)
 
 
 def _random_abar(generator, batch, n_query, n_key, zero_row=None):

@@ -13,7 +13,7 @@ or ``"keep"``. With ``token_index="mean"`` pass ``"keep"``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -24,37 +24,65 @@ from ..core import (
     RawAttentionReader,
     RolloutReader,
 )
+from ..core.readers import Reader
 from ..core.tokens import SelfRelevance, TokenIndex
 from ._captum import TargetType, log_usage
-from .base import AttentionAttribution, Output
+from .base import AttentionAttribution
+from .engine import Output, Read, ReadSpec
 
-_SHARED_ARGS = """
-            inputs: a tensor or tuple of tensors, passed first to ``forward_func``: token ids
-                ``(B, T)``, embeddings ``(B, T, D)`` or images ``(B, C, H, W)``.
-            target: Captum's target; None explains the predicted class.
-            additional_forward_args: passed positionally after ``inputs``.
-            token_index: the row to read: ``"auto"`` (the last real token when attention is
-                causal, else the first), an int, ``"mean"`` or a LongTensor ``(B,)``.
-            output: ``"input"`` maps the row onto each input; ``"token"`` returns ``(B, N)``.
+
+def _spec(
+    token_index: TokenIndex,
+    output: Output,
+    self_relevance: SelfRelevance,
+    num_prefix_tokens: int | None,
+    patch_grid: tuple[int, int] | None,
+) -> ReadSpec:
+    """One row of the one stream, mapped onto every input: the single-stream read spec."""
+    read = Read("tokens", "tokens", token_index)
+    return ReadSpec(
+        (read,), self_relevance, output, num_prefix_tokens, patch_grid, one_token_row=True
+    )
+
+
+class _LastLayerBaseline(AttentionAttribution):
+    """A baseline read off the last attention layer by a reader without options."""
+
+    reader_type: ClassVar[type[Reader]]
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        token_index: TokenIndex = "auto",
+        output: Output = "input",
+        self_relevance: SelfRelevance = "zero",
+        block_bytes: int | None = None,
+        num_prefix_tokens: int | None = None,
+        patch_grid: tuple[int, int] | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """The read row of the last attention layer, reduced as the class describes.
+
+        Args:
             self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
-            block_bytes: memory for one block of recomputed attention; default 4 MiB on CPU,
-                256 MiB on GPU.
-            num_prefix_tokens: tokens before the patch grid; inferred from the image if None.
-            patch_grid: ``(rows, cols)`` of patches; inferred if None.
+
+        The other arguments (``inputs``, ``target``, ``additional_forward_args``,
+        ``token_index``, ``output``, ``block_bytes``, ``num_prefix_tokens``, ``patch_grid``)
+        are those of :meth:`CheferRelevance.attribute`.
 
         Returns:
             Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
-            ``output="token"``. Padding tokens get exactly 0."""
+            ``output="token"``; padding at exactly 0.
+        """
+        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
+        reader = self.reader_type()
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
 
 
-def _with_shared_args(method: Any) -> Any:
-    """Fill the ``{shared_args}`` slot of ``method``'s docstring with the common arguments."""
-    if method.__doc__:
-        method.__doc__ = method.__doc__.replace("{shared_args}", _SHARED_ARGS.strip())
-    return method
-
-
-class RawAttention(AttentionAttribution):
+class RawAttention(_LastLayerBaseline):
     """Raw attention: the last layer's head-mean attention at the read row, ``mean_h(A_L)[c]``.
 
     The "raw attention" baseline of Chefer, Gur & Wolf (CVPR 2021, Sec. 4; ICCV 2021, Sec. 4).
@@ -70,38 +98,7 @@ class RawAttention(AttentionAttribution):
         True
     """
 
-    @log_usage()
-    @_with_shared_args
-    def attribute(
-        self,
-        inputs: Tensor | tuple[Tensor, ...],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        token_index: TokenIndex = "auto",
-        output: Output = "input",
-        self_relevance: SelfRelevance = "zero",
-        block_bytes: int | None = None,
-        num_prefix_tokens: int | None = None,
-        patch_grid: tuple[int, int] | None = None,
-    ) -> Tensor | tuple[Tensor, ...]:
-        """The last layer's head-mean attention from the read token to every token.
-
-        Args:
-            {shared_args}
-        """
-        return self._attribute(
-            RawAttentionReader(),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+    reader_type = RawAttentionReader
 
 
 class AttentionRollout(AttentionAttribution):
@@ -127,7 +124,6 @@ class AttentionRollout(AttentionAttribution):
     """
 
     @log_usage()
-    @_with_shared_args
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -148,25 +144,24 @@ class AttentionRollout(AttentionAttribution):
         Args:
             start_layer: the first attention layer (forward order) in the product.
             head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-            {shared_args}
+            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        The other arguments (``inputs``, ``target``, ``additional_forward_args``,
+        ``token_index``, ``output``, ``block_bytes``, ``num_prefix_tokens``, ``patch_grid``)
+        are those of :meth:`CheferRelevance.attribute`.
+
+        Returns:
+            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
+            ``output="token"``; padding at exactly 0.
         """
         if head_fusion not in ("mean", "max", "min"):
             raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', not {head_fusion!r}")
-        return self._attribute(
-            RolloutReader(start_layer, head_fusion),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
+        reader = RolloutReader(start_layer, head_fusion)
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)
 
 
-class AttentionGradCAM(AttentionAttribution):
+class AttentionGradCAM(_LastLayerBaseline):
     """Attention Grad-CAM, the baseline of Chefer, Gur & Wolf (CVPR 2021).
 
     Chefer, Gur, Wolf, "Transformer Interpretability Beyond Attention Visualization", CVPR
@@ -191,38 +186,7 @@ class AttentionGradCAM(AttentionAttribution):
         (torch.Size([2, 5]), True, True)
     """
 
-    @log_usage()
-    @_with_shared_args
-    def attribute(
-        self,
-        inputs: Tensor | tuple[Tensor, ...],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        token_index: TokenIndex = "auto",
-        output: Output = "input",
-        self_relevance: SelfRelevance = "zero",
-        block_bytes: int | None = None,
-        num_prefix_tokens: int | None = None,
-        patch_grid: tuple[int, int] | None = None,
-    ) -> Tensor | tuple[Tensor, ...]:
-        """The last layer's attention row, weighted per head by its mean gradient, clamped.
-
-        Args:
-            {shared_args}
-        """
-        return self._attribute(
-            AttentionGradCAMReader(),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+    reader_type = AttentionGradCAMReader
 
 
 class GradientRollout(AttentionAttribution):
@@ -247,7 +211,6 @@ class GradientRollout(AttentionAttribution):
     """
 
     @log_usage()
-    @_with_shared_args
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -266,17 +229,16 @@ class GradientRollout(AttentionAttribution):
 
         Args:
             start_layer: the first attention layer (forward order) in the product.
-            {shared_args}
+            self_relevance: ``"zero"`` (default) sets the read token to 0; ``"keep"`` keeps it.
+
+        The other arguments (``inputs``, ``target``, ``additional_forward_args``,
+        ``token_index``, ``output``, ``block_bytes``, ``num_prefix_tokens``, ``patch_grid``)
+        are those of :meth:`CheferRelevance.attribute`.
+
+        Returns:
+            Relevance shaped like ``inputs`` (a tuple for a tuple), or ``(B, N)`` with
+            ``output="token"``; padding at exactly 0.
         """
-        return self._attribute(
-            GradientRolloutReader(start_layer),
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
-        )
+        spec = _spec(token_index, output, self_relevance, num_prefix_tokens, patch_grid)
+        reader = GradientRolloutReader(start_layer)
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)

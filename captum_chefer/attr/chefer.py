@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
 from ..core import CheferMatrixReader, CheferRowReader
 from ..core.tokens import SelfRelevance, TokenIndex
 from ._captum import TargetType, log_usage
-from .base import AttentionAttribution, Output
+from .base import AttentionAttribution
+from .engine import Output, Read, ReadSpec
 
 
 class CheferRelevance(AttentionAttribution):
@@ -43,8 +44,6 @@ class CheferRelevance(AttentionAttribution):
         >>> relevance.shape
         torch.Size([2, 5, 16])
     """
-
-    self_relevance_choices: ClassVar[tuple[str, ...]] = ("subtract", "zero", "keep")
 
     @log_usage()
     def attribute(
@@ -88,8 +87,10 @@ class CheferRelevance(AttentionAttribution):
                 ``"matrix"`` keeps each layer's ``(B, N, N)`` map and forms the full ``R``.
                 Both give the same result.
             block_bytes: memory for one block of recomputed attention ``(B, H, rows, N)``;
-                default 4 MiB on CPU (cache-sized), 256 MiB on GPU. Inputs are processed a
-                block of query rows at a time, so memory does not grow with ``N²·H``.
+                by default the device's entry of ``DEFAULT_BLOCK_BYTES`` in
+                :mod:`captum_chefer.core.attention` (cache-sized on CPU, larger on GPU).
+                Inputs are processed a block of query rows at a time, so memory does not
+                grow with ``N²·H``.
             num_prefix_tokens: tokens before the patch grid (CLS, distillation, registers);
                 inferred from the image size when None.
             patch_grid: ``(rows, cols)`` of patches; inferred when None.
@@ -101,15 +102,12 @@ class CheferRelevance(AttentionAttribution):
         if mode not in ("row", "matrix"):
             raise ValueError(f"mode must be 'row' or 'matrix', not {mode!r}")
         reader = CheferRowReader(start_layer) if mode == "row" else CheferMatrixReader(start_layer)
-        return self._attribute(
-            reader,
-            inputs,
-            target,
-            additional_forward_args,
-            token_index=token_index,
-            output=output,
-            self_relevance=self_relevance,
-            block_bytes=block_bytes,
-            num_prefix_tokens=num_prefix_tokens,
-            patch_grid=patch_grid,
+        spec = ReadSpec(
+            (Read("tokens", "tokens", token_index),),
+            self_relevance,
+            output,
+            num_prefix_tokens,
+            patch_grid,
+            one_token_row=True,
         )
+        return self._explain(reader, spec, inputs, target, additional_forward_args, block_bytes)

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.consumers import RowRelevance
-from ..core.tokens import SelfRelevance, apply_self_relevance
+from ..core.bimodal import MultiStreamReader
+from ..core.readers import CheferRowReader, Reader
+from ..core.tokens import SelfRelevance
+from ..families import SELF_ATTENTION, StreamMap, family_named
 from ._captum import (
     DEFAULT_GEN_ARGS,
     Attribution,
@@ -29,10 +31,8 @@ from ._captum import (
     TokenizerLike,
     _convert_ids_to_pretty_tokens,
 )
-from .base import check_self_attention
-from .multimodal import trace_multimodal
-from .streams import ENCODER_DECODER
-from .trace import Trace, trace_attention
+from .engine import Explained, Read, ReadSpec, Subject, read_rows
+from .trace import Trace
 
 Score = Literal["logit", "log_prob"]
 
@@ -190,25 +190,34 @@ class CheferLLMAttribution(Attribution):
         """Row ``read[i]`` of ``R`` for batch row ``i``, over ``sequence[: max(read) + 1]``."""
         length = read[-1] + 1
         ids = sequence[:length].expand(len(read), length)
-        start = F.one_hot(torch.tensor(read, device=ids.device), length).float()
-        reader = RowRelevance()
-
-        def prepare(trace: Trace) -> None:
-            check_self_attention(trace, type(self).__name__)
-            reader.set_start(start)
-
-        trace = trace_attention(
+        index = torch.tensor(read, device=ids.device)
+        explained = self._read(
             _scores_at(self.model, read, score),
-            self.model,
+            CheferRowReader(),
+            SELF_ATTENTION,
+            (Read("tokens", "tokens", index),),
             (ids,),
             target_ids,
-            None,
-            reader,
-            prepare,
+            self_relevance,
             block_bytes,
         )
-        row = apply_self_relevance(reader.added, start, self_relevance)
-        return row, _target_probs(trace, target_ids)
+        return explained.rows[0], _target_probs(explained.trace, target_ids)
+
+    def _read(
+        self,
+        forward: Callable[..., Tensor],
+        reader: Reader,
+        streams: StreamMap,
+        reads: tuple[Read, ...],
+        inputs: tuple[Tensor, ...],
+        target_ids: Tensor,
+        self_relevance: SelfRelevance,
+        block_bytes: int | None,
+    ) -> Explained:
+        """The one flow, read as token rows (``output="token"``)."""
+        spec = ReadSpec(reads, self_relevance, "token")
+        subject = Subject(type(self).__name__, forward, self.model)
+        return read_rows(subject, reader, streams, spec, inputs, target_ids, None, block_bytes)
 
     def _explain_seq2seq(
         self,
@@ -244,20 +253,20 @@ class CheferLLMAttribution(Attribution):
         """``R_qi`` and ``R_qq`` rows of decoder positions ``chunk``, one per batch row."""
         read = list(range(chunk.start, chunk.stop))
         length = read[-1] + 1
-        start = F.one_hot(torch.tensor(read, device=prompt.device), length).float()
-        result = trace_multimodal(
+        index = torch.tensor(read, device=prompt.device)
+        explained = self._read(
             _scores_at(self.model, read, score, seq2seq=True),
-            self.model,
+            MultiStreamReader(),
+            family_named("encoder-decoder").streams,
+            (Read("decoder", "encoder", index), Read("decoder", "decoder", index)),
             (prompt.expand(len(read), prompt.shape[1]), decoder[:length].expand(len(read), length)),
             target_ids,
-            None,
-            ENCODER_DECODER,
+            self_relevance,
             block_bytes,
         )
-        source = result.row("decoder", start, "encoder")
-        prefix = result.row("decoder", start, "decoder", self_relevance)
+        source, prefix = explained.rows
         row = torch.cat([source, F.pad(prefix, (0, decoder.shape[0] - length))], 1)
-        return row, _target_probs(result.trace, target_ids)
+        return row, _target_probs(explained.trace, target_ids)
 
     def _decoder_start_id(self) -> int:
         for owner in (self.model, getattr(self.model, "generation_config", None)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -11,7 +10,6 @@ from torch import Tensor, nn
 
 from ..capture.lrp import ReadPoint, Variant, lrp_rules, token_layer
 from ._captum import (
-    GradientAttribution,
     TargetType,
     _format_output,
     _format_tensor_into_tuples,
@@ -19,7 +17,9 @@ from ._captum import (
     _run_forward,
     log_usage,
 )
-from .base import Output, check_output, module_or_none
+from .base import ModelAttribution
+from .checks import check_output
+from .engine import Output
 from .trace import as_tensor, default_target, select_one_per_example
 
 NO_ATTENTION = (
@@ -30,14 +30,11 @@ NO_ATTENTION = (
 )
 
 
-class _LRPAttribution(GradientAttribution):
+class _LRPAttribution(ModelAttribution):
     """Shared flow: one forward under the rules, one gradient, gradient × input at the reads."""
 
     variant: ClassVar[Variant]
-
-    def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
-        super().__init__(forward_func)
-        self.model = model if model is not None else module_or_none(forward_func)
+    multiplies: ClassVar[bool] = True
 
     @log_usage()
     def attribute(
@@ -118,13 +115,6 @@ class _LRPAttribution(GradientAttribution):
                 "forward_func runs the model on inputs."
             )
         return state, selected
-
-    def has_convergence_delta(self) -> bool:
-        return False
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return True
 
 
 def _in_training(model: nn.Module) -> bool:

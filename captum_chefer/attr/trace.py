@@ -1,7 +1,8 @@
 """One forward with attention captured, one backward from the selected output.
 
-Every attribution class in this package runs the model through :func:`trace_attention`; the
-classes differ only in the consumer that receives each layer's ``(A, dA)``.
+The engine (:mod:`~captum_chefer.attr.engine`) runs the model through :func:`trace_attention`;
+what each class does with each layer's ``(A, dA)`` is its reader's business. The output and
+target handling here is shared with the LRP classes.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from torch import Tensor, nn
 
 from ..capture import (
     CallRecord,
-    Consumer,
     Dependencies,
     Recorder,
     capture_attention,
     module_scope,
     warn_if_training,
 )
+from ..core.readers import Reader
 from ._captum import TargetType, _run_forward, _select_targets
 
 NOTHING_CAPTURED = (
@@ -56,16 +57,17 @@ class Trace:
         target: the target that was explained (the argmax when none was given).
         records: the attention calls the explained output depends on, in forward order.
         dependencies: which of those calls each call's inputs depend on.
-        valid: bool ``(B, N)``, False at padding keys of the first attention layer.
-        causal: whether the first attention layer is causal.
     """
 
     output: Tensor
     target: TargetType
     records: list[CallRecord]
     dependencies: Dependencies
-    valid: Tensor
-    causal: Tensor | bool
+
+    @property
+    def batch(self) -> int:
+        """Examples in the explained output."""
+        return self.output.shape[0] if self.output.dim() else 1
 
 
 def trace_attention(
@@ -74,20 +76,21 @@ def trace_attention(
     inputs: tuple[Tensor, ...],
     target: TargetType,
     additional_forward_args: Any,
-    consumer: Consumer | None,
+    reader: Reader | None,
     before_backward: Callable[[Trace], None] = lambda trace: None,
     block_bytes: int | None = None,
     scope_modules: bool = False,
 ) -> Trace:
     """Run ``forward_func`` with attention captured, then back-propagate the selected output.
 
-    The backward computes only what the consumer needs: gradients flow to a shared anchor
+    ``before_backward`` sees the :class:`Trace` first (the engine prepares the reader there).
+    The backward computes only what the reader needs: gradients flow to a shared anchor
     leaf per device, never into parameters' ``.grad``, and stop at the first attention layer.
     Calls the selected output does not depend on are dropped (they add nothing); with
     ``scope_modules`` every call is tagged with the module that made it.
     """
     check_context(inputs, additional_forward_args)
-    recorder = Recorder(consumer, block_bytes)
+    recorder = Recorder(reader, block_bytes)
     with torch.enable_grad():
         with ExitStack() as stack:
             if scope_modules:
@@ -107,7 +110,7 @@ def trace_attention(
         if not recorder.records:
             raise RuntimeError(NOT_ON_PATH)
         records = recorder.records
-        trace = Trace(output.detach(), target, records, dependencies, *_validity(records[0]))
+        trace = Trace(output.detach(), target, records, dependencies)
         before_backward(trace)
         anchors = list(recorder.anchors.values())
         torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
@@ -180,32 +183,32 @@ def default_target(output: Tensor, target: TargetType) -> TargetType:
     )
 
 
-def _validity(record: CallRecord) -> tuple[Tensor, Tensor | bool]:
-    """Padding keys and causality, read off the first attention layer's mask.
+def is_causal(record: CallRecord) -> Tensor | bool:
+    """Whether the call is causal, read off its mask where it has one.
 
     Causality stays a tensor when it comes from a mask, so that no device sync is needed.
     """
     call = record.call
     if call is not None and call.mask is None:
-        return key_validity(record), call.is_causal
-    allowed = record.allowed()
-    assert allowed is not None
-    per_query = allowed.any(1)
+        return call.is_causal
+    attendable = record.attendable()
+    assert attendable is not None
+    per_query = attendable.any(1)
     n_query, n_key = record.shape[2:]
-    causal = torch.tensor(n_query == n_key, device=allowed.device) & ~per_query.triu(1).any()
-    return key_validity(record), causal
+    square = torch.tensor(n_query == n_key, device=attendable.device)
+    return square & ~per_query.triu(1).any()
 
 
-def key_validity(record: CallRecord) -> Tensor:
+def real_keys(record: CallRecord) -> Tensor:
     """Bool ``(B, Nk)``: False at keys no query of ``record`` attends (padding)."""
     batch, _, _, n_key = record.shape
-    allowed = record.allowed()
-    if allowed is None:
+    attendable = record.attendable()
+    if attendable is None:
         assert record.call is not None
         return torch.ones(batch, n_key, dtype=torch.bool, device=record.call.query.device)
-    while allowed.dim() < 4:  # a causal mask alone is (Nq, Nk)
-        allowed = allowed.unsqueeze(0)
-    return allowed.any(1).any(1).expand(batch, n_key)
+    while attendable.dim() < 4:  # a causal mask alone is (Nq, Nk)
+        attendable = attendable.unsqueeze(0)
+    return attendable.any(1).any(1).expand(batch, n_key)
 
 
 def _hint(model: nn.Module | None) -> str:

@@ -9,8 +9,10 @@ Nothing on the model is replaced or switched; the mode is popped in ``finally``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
@@ -20,7 +22,7 @@ from .mode import AttentionMode, warn_if_training
 from .modules import module_scope
 from .patches import scoped_method
 from .protocol import mark_attention
-from .recorder import CallRecord, Consumer, Recorder, active_recorder, recording
+from .recorder import CallRecord, Recorder, active_recorder, recording
 
 
 @contextmanager
@@ -44,7 +46,6 @@ def capture_attention(model: nn.Module | None, recorder: Recorder) -> Iterator[R
 __all__ = [
     "AttentionMode",
     "CallRecord",
-    "Consumer",
     "Dependencies",
     "Recorder",
     "active_recorder",
@@ -54,3 +55,16 @@ __all__ = [
     "scoped_method",
     "warn_if_training",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Consumer":
+        from ..core.readers import Reader
+
+        warnings.warn(
+            "captum_chefer.capture.Consumer is deprecated; use captum_chefer.core.Reader.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return Reader
+    raise AttributeError(f"module 'captum_chefer.capture' has no attribute {name!r}")

@@ -9,11 +9,12 @@ protocol) turns each attention call into either
 - explicit probabilities ``A`` ``(B, H, Nq, Nk)``, passed through an identity whose backward
   sees ``dA``.
 
-Either way the backward pass hands ``(A, dA)`` blocks to a :class:`Consumer`, layer by layer,
-last layer first, and nothing else about the model's gradients changes. A shared leaf, the
-*anchor*, is an input of every captured call, so ``torch.autograd.grad(output, anchor)`` runs
-exactly the backward the relevance needs: no parameter gradients, nothing below the first layer.
-A model split over several devices gets one anchor per device, so no layer is cut off.
+Either way the backward pass hands ``(A, dA)`` blocks to a
+:class:`~captum_chefer.core.readers.Reader`, layer by layer, last layer first, and nothing else
+about the model's gradients changes. A shared leaf, the *anchor*, is an input of every captured
+call, so ``torch.autograd.grad(output, anchor)`` runs exactly the backward the relevance needs:
+no parameter gradients, nothing below the first layer. A model split over several devices gets
+one anchor per device, so no layer is cut off.
 
 After the forward, :meth:`Recorder.keep_on_path` checks which calls the explained output
 depends on (see :mod:`~captum_chefer.capture.graph`) and keeps only those, renumbered in
@@ -26,30 +27,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.attention import AttentionCall, attention_backward, block_rows_for
+from ..core.readers import Reader
 from .graph import Dependencies, dependencies
-
-
-class Consumer(Protocol):
-    """Receives each layer's ``(A, dA)`` during the backward pass, last layer first."""
-
-    def begin_layer(self, index: int, call: AttentionCall | None, shape: tuple[int, ...]) -> None:
-        """Layer ``index`` (forward order) starts; ``shape`` is ``(B, H, Nq, Nk)``."""
-
-    def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-        """Query ``rows`` of layer ``index``: ``A`` and ``dA``, ``(B, H, r, Nk)`` float32.
-
-        Both are scratch once the call returns: a consumer may overwrite ``grad_probs`` (as
-        :class:`~captum_chefer.core.consumers.RowRelevance` does), and keeps neither.
-        """
-
-    def end_layer(self, index: int) -> None:
-        """Layer ``index`` is complete."""
 
 
 @dataclass
@@ -77,8 +62,9 @@ class CallRecord:
         if self.folded and self.shape[0] % batch == 0:
             self.shape = (batch, self.shape[0] // batch, *self.shape[2:])
 
-    def allowed(self) -> Tensor | None:
-        """Bool ``(B|1, H|1, Nq, Nk)`` of attended positions, or None when all are."""
+    def attendable(self) -> Tensor | None:
+        """Bool ``(B|1, H|1, Nq, Nk)`` of the (query, key) positions attended, or None when all
+        are (the call's :meth:`~captum_chefer.core.attention.AttentionCall.allowed`)."""
         if self.call is not None:
             return self.call.allowed()
         assert self.probs is not None
@@ -87,9 +73,9 @@ class CallRecord:
 
 @dataclass
 class Recorder:
-    """Collects attention calls in forward order and feeds their backward to a consumer."""
+    """Collects attention calls in forward order and feeds their backward to a reader."""
 
-    consumer: Consumer | None = None
+    reader: Reader | None = None
     block_bytes: int | None = None
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
     """One gradient leaf per device that attention ran on."""
@@ -192,40 +178,40 @@ class Recorder:
         return self._keep(record, output)
 
     def backward_call(self, record: CallRecord, call: AttentionCall, grad_output: Tensor):
-        consumer = self.consumer
-        if consumer is not None:
-            consumer.begin_layer(record.index, call, record.shape)
+        reader = self.reader
+        if reader is not None:
+            reader.begin_layer(record.index, record.shape)
 
         def feed(rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-            assert consumer is not None
-            consumer.add_block(record.index, rows, probs, grad_probs)
+            assert reader is not None
+            reader.add_block(record.index, rows, probs, grad_probs)
 
         grads = attention_backward(
             call,
             grad_output,
-            feed if consumer is not None else None,
+            feed if reader is not None else None,
             block_rows_for(call, self.block_bytes),
             need_input_grads=record.depends_on_captured,
-            key_prefix_blocks=getattr(consumer, "accepts_key_prefix_blocks", False),
+            key_prefix_blocks=reader is not None and reader.key_prefix_blocks,
         )
-        if consumer is not None:
-            consumer.end_layer(record.index)
+        if reader is not None:
+            reader.end_layer(record.index)
         return grads
 
     def backward_probs(self, record: CallRecord, grad_probs: Tensor) -> None:
-        if self.consumer is None or record.superseded:
+        if self.reader is None or record.superseded:
             return
         assert record.probs is not None
         probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
-        self.consumer.begin_layer(record.index, None, record.shape)
-        # A copy: the consumer may overwrite grad_probs, which autograd passes on below.
+        self.reader.begin_layer(record.index, record.shape)
+        # A copy: the reader may overwrite grad_probs, which autograd passes on below.
         grad_probs = grad_probs.to(torch.float32, copy=True)
-        self.consumer.add_block(record.index, slice(None), probs.float(), grad_probs)
-        self.consumer.end_layer(record.index)
+        self.reader.add_block(record.index, slice(None), probs.float(), grad_probs)
+        self.reader.end_layer(record.index)
 
 
 class _CapturedKernel(torch.autograd.Function):
-    """The model's own kernel forward; an exact block-wise backward that feeds a consumer."""
+    """The model's own kernel forward; an exact block-wise backward that feeds a reader."""
 
     @staticmethod
     def forward(ctx, recorder, record, kernel, kwargs, anchor, query, key, value, mask):
@@ -244,7 +230,7 @@ class _CapturedKernel(torch.autograd.Function):
 
 
 class _CapturedProbs(torch.autograd.Function):
-    """Identity on attention probabilities whose backward hands ``(A, dA)`` to the consumer."""
+    """Identity on attention probabilities whose backward hands ``(A, dA)`` to the reader."""
 
     @staticmethod
     def forward(ctx, recorder, record, anchor, probs):

@@ -1,7 +1,7 @@
 """The attention baselines Chefer et al. compare against, as readers of ``(A, dA)`` blocks.
 
 Shapes: ``B`` batch, ``H`` heads, ``N`` tokens, ``r`` query rows in one block. Every reader
-reads the rows given by the start weights ``s`` ``(B, N)`` (one-hot at the token the prediction
+reads the rows given by the row weights ``s`` ``(B, N)`` (one-hot at the token the prediction
 is read from, or uniform for mean pooling), so a row is ``sᵀ M`` for a ``(N, N)`` map ``M``.
 
 - :class:`RawAttentionReader`: ``sᵀ mean_h(A_L)``, the last layer's head-mean attention.
@@ -17,15 +17,14 @@ backward pass delivers the layers, so no ``(B, N, N)`` map is formed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from .attention import AttentionCall
-from .readers import ReadSetup, check_start_layer, mask_read_tokens
+from .readers import ReadSetup, check_last_first
 from .rules import head_reduce
-from .tokens import SelfRelevance
+from .tokens import SelfRelevance, mask_read_tokens
 
 HeadFusion = Literal["mean", "max", "min"]
 
@@ -66,7 +65,7 @@ def rollout_step(fused: Tensor, rows: slice) -> Tensor:
     return augmented / augmented.sum(-1, keepdim=True)
 
 
-def weighted_rows(start: Tensor, rows: slice, block: Tensor) -> Tensor:
+def weighted_rows(weights: Tensor, rows: slice, block: Tensor) -> Tensor:
     """``Σ_i s[b, i]·block[b, …, i, :]`` over the query ``rows``: ``(B, r, N)`` → ``(B, N)``.
 
     ``block`` may carry a head dimension, ``(B, H, r, N)`` → ``(B, H, N)``.
@@ -75,17 +74,26 @@ def weighted_rows(start: Tensor, rows: slice, block: Tensor) -> Tensor:
         >>> weighted_rows(torch.tensor([[0.0, 2.0]]), slice(0, 2), torch.eye(2)[None])
         tensor([[0., 2.]])
     """
-    return torch.einsum("br,b...rn->b...n", start[:, rows].float(), block.float())
+    return torch.einsum("br,b...rn->b...n", weights[:, rows].float(), block.float())
 
 
-class _LastLayerReader:
-    """Reads the start rows of the last attention layer; earlier layers are ignored."""
+class _BaselineReader:
+    """What the baseline readers declare: one stream, a row without identity, no start layer."""
+
+    start_layer = 0
+    key_prefix_blocks: ClassVar[bool] = False
+    identity_row: ClassVar[bool] = False
+    multi_stream: ClassVar[bool] = False
+
+
+class _LastLayerReader(_BaselineReader):
+    """Reads the rows of the last attention layer; earlier layers are ignored."""
 
     def prepare(self, setup: ReadSetup) -> None:
         self._setup = setup
         self._last = setup.n_layers - 1
 
-    def begin_layer(self, index: int, call: AttentionCall | None, shape: tuple[int, ...]) -> None:
+    def begin_layer(self, index: int, shape: tuple[int, ...]) -> None:
         pass
 
     def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
@@ -100,7 +108,7 @@ class _LastLayerReader:
 
 
 class RawAttentionReader(_LastLayerReader):
-    """Raw attention: the start rows of the last layer's head-mean attention ``mean_h(A_L)``.
+    """Raw attention: the read rows of the last layer's head-mean attention ``mean_h(A_L)``.
 
     Example:
         >>> reader = RawAttentionReader()
@@ -113,13 +121,18 @@ class RawAttentionReader(_LastLayerReader):
 
     def prepare(self, setup: ReadSetup) -> None:
         super().prepare(setup)
-        self._row = torch.zeros_like(setup.start, dtype=torch.float32)
+        self._row = torch.zeros_like(setup.row_weights, dtype=torch.float32)
 
     def _add(self, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-        self._row = self._row + weighted_rows(self._setup.start, rows, fuse_heads(probs))
+        self._row = self._row + weighted_rows(self._setup.row_weights, rows, fuse_heads(probs))
 
-    def read(self, self_relevance: SelfRelevance) -> Tensor:
-        return mask_read_tokens(self._row, self._setup.start, self_relevance)
+    def read(
+        self,
+        self_relevance: SelfRelevance,
+        stream: str | None = None,
+        read_stream: str | None = None,
+    ) -> Tensor:
+        return mask_read_tokens(self._row, self._setup.row_weights, self_relevance)
 
 
 class AttentionGradCAMReader(_LastLayerReader):
@@ -144,21 +157,26 @@ class AttentionGradCAMReader(_LastLayerReader):
         self._grads: Tensor | float = 0.0
 
     def _add(self, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-        self._probs = self._probs + weighted_rows(self._setup.start, rows, probs)
-        self._grads = self._grads + weighted_rows(self._setup.start, rows, grad_probs)
+        self._probs = self._probs + weighted_rows(self._setup.row_weights, rows, probs)
+        self._grads = self._grads + weighted_rows(self._setup.row_weights, rows, grad_probs)
 
-    def read(self, self_relevance: SelfRelevance) -> Tensor:
+    def read(
+        self,
+        self_relevance: SelfRelevance,
+        stream: str | None = None,
+        read_stream: str | None = None,
+    ) -> Tensor:
         assert isinstance(self._probs, Tensor) and isinstance(self._grads, Tensor)
         setup = self._setup
-        index = torch.arange(setup.valid.shape[1], device=setup.valid.device)
-        positions = (setup.valid & (index >= setup.num_prefix_tokens)).float().unsqueeze(1)
+        index = torch.arange(setup.real.shape[1], device=setup.real.device)
+        positions = (setup.real & (index >= setup.num_prefix_tokens)).float().unsqueeze(1)
         weights = (self._grads * positions).sum(-1, keepdim=True)
         weights = weights / positions.sum(-1, keepdim=True).clamp_min(1.0)
         row = (self._probs * weights).mean(1).clamp(min=0)
-        return mask_read_tokens(row, setup.start, self_relevance)
+        return mask_read_tokens(row, setup.row_weights, self_relevance)
 
 
-class RolloutReader:
+class RolloutReader(_BaselineReader):
     """Attention rollout (Abnar & Zuidema, ACL 2020): ``sᵀ Â_L … Â_start``.
 
     ``Â_l = rownorm(fuse_h(A_l) + I)``; layers below ``start_layer`` are left out. The row is
@@ -173,7 +191,7 @@ class RolloutReader:
         >>> reader.prepare(ReadSetup(torch.tensor([[1.0, 0.0]]), torch.ones(1, 2, dtype=bool), 2))
         >>> a = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
         >>> for layer in (1, 0):
-        ...     reader.begin_layer(layer, None, (1, 1, 2, 2))
+        ...     reader.begin_layer(layer, (1, 1, 2, 2))
         ...     reader.add_block(layer, slice(0, 2), a, torch.zeros_like(a))
         ...     reader.end_layer(layer)
         >>> reader.read("keep")
@@ -185,19 +203,13 @@ class RolloutReader:
         self.head_fusion = head_fusion
 
     def prepare(self, setup: ReadSetup) -> None:
-        check_start_layer(self.start_layer, setup.n_layers)
-        self._start = setup.start
-        self._row = setup.start.float()
+        self._weights = setup.row_weights
+        self._row = setup.row_weights.float()
         self._next: Tensor | None = None
         self._last_index: int | None = None
 
-    def begin_layer(self, index: int, call: AttentionCall | None, shape: tuple[int, ...]) -> None:
-        if self._last_index is not None and index >= self._last_index:
-            raise RuntimeError(
-                "Attention layers reached the backward pass out of order, so the rollout row "
-                "cannot be folded in last layer first; this model's layers do not form a chain."
-            )
-        self._last_index = index
+    def begin_layer(self, index: int, shape: tuple[int, ...]) -> None:
+        self._last_index = check_last_first(self._last_index, index, "the rollout row")
         if index >= self.start_layer:
             self._next = torch.zeros_like(self._row)
 
@@ -212,8 +224,13 @@ class RolloutReader:
             assert self._next is not None
             self._row, self._next = self._next, None
 
-    def read(self, self_relevance: SelfRelevance) -> Tensor:
-        return mask_read_tokens(self._row, self._start, self_relevance)
+    def read(
+        self,
+        self_relevance: SelfRelevance,
+        stream: str | None = None,
+        read_stream: str | None = None,
+    ) -> Tensor:
+        return mask_read_tokens(self._row, self._weights, self_relevance)
 
     def _fuse(self, probs: Tensor, grad_probs: Tensor) -> Tensor:
         return fuse_heads(probs, self.head_fusion)

@@ -1,9 +1,9 @@
 """The bi-modal and encoder-decoder rules of Chefer, Gur & Wolf (ICCV 2021, eq. 6-11).
 
-Every modality ``x`` (text, image, decoder queries, …) keeps a self-relevance map ``R_xx``,
-initialised to ``I``, and every ordered pair ``(x, y)`` a map ``R_xy``, initialised to ``0``;
-``R_xy`` is ``(B, N_x, N_y)``: row ``i`` says how much each token of ``y`` matters for token
-``i`` of ``x``. Each attention layer, with its head-reduced map ``Abar`` (eq. 5, see
+Every stream ``x`` (text, image, decoder queries, …) keeps the map of its relevance to itself,
+``R_xx``, initialised to ``I``, and every ordered pair ``(x, y)`` a map ``R_xy``, initialised to
+``0``; ``R_xy`` is ``(B, N_x, N_y)``: row ``i`` says how much each token of ``y`` matters for
+token ``i`` of ``x``. Each attention layer, with its head-reduced map ``Abar`` (eq. 5, see
 :func:`~captum_chefer.core.rules.head_reduce`), updates them:
 
 - self-attention within ``s`` (eq. 6-7): ``R_ss += Abar_ss·R_ss`` and ``R_sq += Abar_ss·R_sq``
@@ -21,16 +21,19 @@ the identity's 1s, as in :func:`~captum_chefer.core.rules.propagate_matrix`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .rules import head_reduce
+from .readers import AbarStore, ReadSetup
+from .tokens import SelfRelevance, apply_self_relevance
 
 
-def normalize_self_relevance(added: Tensor) -> Tensor:
+def normalized_map(added: Tensor) -> Tensor:
     """ICCV 2021 eq. 8-9: ``R̄ = rownorm(R − I) + I``, from ``added = R − I`` ``(B, N, N)``.
 
     Each row of ``R − I`` is divided by its sum. A row that attention never reached (a padding
@@ -45,13 +48,24 @@ def normalize_self_relevance(added: Tensor) -> Tensor:
 
     Example:
         >>> added = torch.tensor([[[1.0, 3.0], [0.0, 0.0]]])
-        >>> normalize_self_relevance(added)
+        >>> normalized_map(added)
         tensor([[[1.2500, 0.7500],
                  [0.0000, 1.0000]]])
     """
     sums = added.sum(-1, keepdim=True)
     normalized = added / torch.where(sums > 0, sums, torch.ones_like(sums))
     return normalized + torch.eye(added.shape[-1], device=added.device, dtype=added.dtype)
+
+
+def normalize_self_relevance(added: Tensor) -> Tensor:
+    """Deprecated name of :func:`normalized_map` (it is unrelated to ``self_relevance=``)."""
+    warnings.warn(
+        "normalize_self_relevance is deprecated; use normalized_map (eq. 8-9, the same "
+        "function). The old name suggested the unrelated self_relevance= keyword.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return normalized_map(added)
 
 
 @dataclass(frozen=True)
@@ -158,53 +172,75 @@ def cross_attention_additions(
         >>> additions[("s", "q")], additions[("s", "s")]
         (tensor([[[1.]]]), tensor([[[0.]]]))
     """
-    self_s = normalize_self_relevance(maps[(s, s)])
-    self_q = normalize_self_relevance(maps[(q, q)])
+    self_s = normalized_map(maps[(s, s)])
+    self_q = normalized_map(maps[(q, q)])
     return {
         (s, q): self_s.transpose(-1, -2).bmm(abar).bmm(self_q),
         (s, s): torch.bmm(abar, maps[(q, s)]),
     }
 
 
-class AbarCollector:
-    """Consumer: every attention call's ``Abar`` (eq. 5), kept for the multi-modal rules.
+class MultiStreamReader(AbarStore):
+    """Reader of the multi-stream rules: every call's ``Abar`` kept, then eq. 6-11 in forward order.
 
     The rules of eq. 6-11 run in forward order, after the backward pass has delivered every
-    layer (last first); so each call's ``(B, Nq, Nk)`` map is kept, filled a block of query rows
-    at a time. A call whose output the explained score does not depend on never reaches the
-    backward pass; :meth:`abar` gives zeros for it.
+    layer (last first), so each call's ``(B, Nq, Nk)`` map is kept (:class:`AbarStore`); the
+    :class:`StreamLayout` of :meth:`prepare` says which streams each call connects.
 
     Example:
-        >>> collector = AbarCollector()
-        >>> a = torch.tensor([[[[0.5, 0.5]]]])
-        >>> collector.begin_layer(0, None, (1, 1, 1, 2))
-        >>> collector.add_block(0, slice(0, 1), a, torch.tensor([[[[2.0, -2.0]]]]))
-        >>> collector.end_layer(0)
-        >>> collector.abar(0, (1, 1, 1, 2)), collector.abar(1, (1, 1, 1, 2))
-        (tensor([[[1., 0.]]]), tensor([[[0., 0.]]]))
+        >>> from captum_chefer.core.readers import StreamLayout
+        >>> layout = StreamLayout({"q": 1, "i": 2}, (((0, "i", "i"),), ((1, "q", "i"),)), "q")
+        >>> reader = MultiStreamReader()
+        >>> reader.prepare(ReadSetup(torch.ones(1, 1), torch.ones(1, 1, dtype=bool), 2, 0, layout))
+        >>> a = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])
+        >>> reader.begin_layer(0, (1, 1, 2, 2))
+        >>> reader.add_block(0, slice(0, 2), a, torch.ones_like(a))
+        >>> reader.begin_layer(1, (1, 1, 1, 2))
+        >>> reader.add_block(1, slice(0, 1), torch.full((1, 1, 1, 2), 0.5), torch.ones(1, 1, 1, 2))
+        >>> reader.read("subtract", stream="i")
+        tensor([[0.5000, 1.0000]])
     """
 
-    def __init__(self) -> None:
-        self.abars: dict[int, Tensor] = {}
-        self._shapes: dict[int, tuple[int, ...]] = {}
+    identity_row: ClassVar[bool] = True
+    multi_stream: ClassVar[bool] = True
 
-    def begin_layer(self, index: int, call: object, shape: tuple[int, ...]) -> None:
-        self._shapes[index] = shape
+    def prepare(self, setup: ReadSetup) -> None:
+        if setup.layout is None:
+            raise ValueError("MultiStreamReader needs the stream layout in its ReadSetup.")
+        self._setup = setup
+        self._layout = setup.layout
+        self._state: MultiModalRelevance | None = None
 
-    def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-        if index not in self.abars:
-            batch, _, n_query, n_key = self._shapes[index]
-            self.abars[index] = torch.zeros(batch, n_query, n_key, device=probs.device)
-        self.abars[index][:, rows] = head_reduce(probs, grad_probs)
+    def relevance(self) -> MultiModalRelevance:
+        """``R_xy`` of every pair of streams after the backward pass, formed once."""
+        if self._state is None:
+            real = self._setup.real
+            batch, device = real.shape[0], real.device
+            sizes = self._layout.sizes
+            state = MultiModalRelevance(sizes, batch, device)
+            for step in self._layout.steps:
+                state.step(
+                    [
+                        AttentionEdge(
+                            q, k, self.abar(index, (batch, 1, sizes[q], sizes[k]), device)
+                        )
+                        for index, q, k in step
+                    ]
+                )
+            self._state = state
+        return self._state
 
-    def end_layer(self, index: int) -> None:
-        pass
-
-    def abar(
-        self, index: int, shape: tuple[int, ...], device: torch.device | str | None = None
+    def read(
+        self,
+        self_relevance: SelfRelevance,
+        stream: str | None = None,
+        read_stream: str | None = None,
     ) -> Tensor:
-        """Call ``index``'s ``Abar`` ``(B, Nq, Nk)``; zeros if it never reached the backward."""
-        if index in self.abars:
-            return self.abars[index]
-        batch, _, n_query, n_key = shape
-        return torch.zeros(batch, n_query, n_key, device=device)
+        read_stream = read_stream or self._layout.read
+        stream = stream or read_stream
+        weights = self._setup.weights_for(read_stream)
+        relevance = self.relevance().relevance(read_stream, stream, include_identity=False)
+        row = torch.bmm(weights.unsqueeze(1).to(relevance), relevance).squeeze(1)
+        if read_stream == stream:
+            row = apply_self_relevance(row, weights.to(row), self_relevance)
+        return row

@@ -9,14 +9,12 @@ import torch
 from torch import Tensor
 
 
-def head_reduce(probs: Tensor, grad_probs: Tensor, overwrite: bool = False) -> Tensor:
+def head_reduce(probs: Tensor, grad_probs: Tensor) -> Tensor:
     """ICCV 2021 eq. 5: ``Abar = mean_h(clamp(dA ⊙ A, min=0))``. Clamp first, then average.
 
     Args:
         probs: post-softmax attention ``(B, H, Nq, Nk)``.
         grad_probs: its gradient ``(B, H, Nq, Nk)``.
-        overwrite: form ``dA ⊙ A`` in ``grad_probs``'s memory (float32 only), which saves a
-            block-sized allocation when ``dA`` is scratch, as in the engine's blocks.
 
     Returns:
         ``(B, Nq, Nk)`` in float32.
@@ -27,8 +25,6 @@ def head_reduce(probs: Tensor, grad_probs: Tensor, overwrite: bool = False) -> T
         >>> head_reduce(a, g)
         tensor([[[1., 0.]]])
     """
-    if overwrite and grad_probs.dtype == torch.float32:
-        return grad_probs.mul_(probs).clamp_(min=0).mean(1)
     return (grad_probs.float() * probs.float()).clamp_(min=0).mean(1)
 
 
@@ -96,6 +92,19 @@ class RowPropagation:
         weights = (self.start[:, rows] + self.added[:, rows]).unsqueeze(1)
         width = abar_block.shape[-1]
         self._delta[:, :width] += torch.bmm(weights, abar_block.float()).squeeze(1)
+
+    def add_heads_block(self, rows: slice, weighted: Tensor) -> None:
+        """:meth:`add_block` for ``clamp(dA ⊙ A, 0)`` per head, ``(B, H, r, w)``.
+
+        The mean over heads (eq. 5) is folded into the product with the row, which saves a
+        pass over the block: the row's weights, divided by ``H``, are repeated once per head.
+        """
+        assert self._delta is not None, "begin_layer() first"
+        batch, heads, n_rows, width = weighted.shape
+        weights = (self.start[:, rows] + self.added[:, rows]) / heads
+        weights = weights.repeat(1, heads).unsqueeze(1)  # (B, 1, H·r), head-major as the block
+        block = weighted.float().reshape(batch, heads * n_rows, width)
+        self._delta[:, :width] += torch.bmm(weights, block).squeeze(1)
 
     def end_layer(self) -> None:
         assert self._delta is not None, "begin_layer() first"

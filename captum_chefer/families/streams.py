@@ -1,8 +1,9 @@
-"""Which modalities each attention call connects: a short declarative map per model family.
+"""Which streams each attention call connects: the mechanism behind the family tables.
 
-A multi-modal model's attention calls are told apart by the module that made them (see
+A multi-stream model's attention calls are told apart by the module that made them (see
 :func:`~captum_chefer.capture.modules.module_scope`): a :class:`StreamMap` is an ordered list of
-``(pattern, pairs)`` rules. The first rule whose regular expression is found in the module's
+``(pattern, pairs)`` rules. An empty pattern matches every call, so a one-stream map needs no
+module names at all. The first rule whose regular expression is found in the module's
 qualified name gives the ``(query, key)`` modalities of the call; a module that the model calls
 several times in a row (LXMERT's cross-attention, once per direction) takes the pairs in turn.
 Calls made back to back by one module form one *step*: the rules compute all its updates from
@@ -12,10 +13,11 @@ the same old relevance maps (ICCV 2021, LXMERT's two cross directions).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ..capture import CallRecord
+from ..core.readers import Edge, StreamLayout
 
 Pair = tuple[str, str]
 
@@ -28,6 +30,9 @@ class StreamMap:
         rules: ``(pattern, pairs)`` in priority order. ``pattern`` is searched for in the
             calling module's qualified name; ``pairs`` lists the ``(query, key)`` modalities of
             its first, second, … call in a row.
+        pooled_by: a stream whose prediction is pooled by the queries of another stream (an
+            attention probe, SigLIP's vision head) is read from that stream when it is
+            present: ``{"image": "probe"}``.
 
     Example:
         >>> streams = StreamMap(((r"decoder\\..*encoder_attn", (("decoder", "encoder"),)),
@@ -38,11 +43,17 @@ class StreamMap:
     """
 
     rules: tuple[tuple[str, tuple[Pair, ...]], ...]
+    pooled_by: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def needs_module_names(self) -> bool:
+        """Whether a rule tells calls apart by their module (else no module scope is needed)."""
+        return any(pattern for pattern, _ in self.rules)
 
     def pair(self, module: str | None, repeat: int) -> Pair:
         """The modalities of the ``repeat``-th call in a row made by ``module``."""
         for pattern, pairs in self.rules:
-            if module is not None and re.search(pattern, module):
+            if not pattern or (module is not None and re.search(pattern, module)):
                 return pairs[repeat % len(pairs)]
         patterns = [pattern for pattern, _ in self.rules]
         raise ValueError(
@@ -50,9 +61,9 @@ class StreamMap:
             f"{patterns}; pass streams=StreamMap(...) with a rule for it."
         )
 
-    def steps(self, records: Sequence[CallRecord]) -> list[list[tuple[int, str, str]]]:
+    def steps(self, records: Sequence[CallRecord]) -> list[list[Edge]]:
         """Group ``records`` (forward order) into steps of ``(index, query, key)``."""
-        steps: list[list[tuple[int, str, str]]] = []
+        steps: list[list[Edge]] = []
         previous: str | None = None
         repeat = 0
         for record in records:
@@ -65,10 +76,12 @@ class StreamMap:
             previous = record.module
         return steps
 
-    def sizes(self, records: Sequence[CallRecord]) -> dict[str, int]:
-        """Tokens per modality, read off the calls' shapes ``(B, H, Nq, Nk)``."""
+    def sizes(
+        self, records: Sequence[CallRecord], steps: Sequence[Sequence[Edge]] | None = None
+    ) -> dict[str, int]:
+        """Tokens per stream, read off the calls' shapes ``(B, H, Nq, Nk)``."""
         sizes: dict[str, int] = {}
-        for step in self.steps(records):
+        for step in self.steps(records) if steps is None else steps:
             for index, query, key in step:
                 for name, size in (
                     (query, records[index].shape[2]),
@@ -81,38 +94,7 @@ class StreamMap:
                         )
         return sizes
 
-
-DUAL_ENCODER = StreamMap(
-    (
-        (r"(^|\.)vision_model\.head\b", (("probe", "image"),)),
-        (r"(^|\.)vision_model\.", (("image", "image"),)),
-        (r"(^|\.)text_model\.", (("text", "text"),)),
-    )
-)
-"""CLIP, SigLIP and their kin: two towers; SigLIP's attention-pooling head is a query ``probe``."""
-
-ENCODER_DECODER = StreamMap(
-    (
-        (
-            r"(^|\.)decoder\..*"
-            r"(encoder_attn|EncDecAttention|crossattention|cross_attn|multihead_attn)",
-            (("decoder", "encoder"),),
-        ),
-        (r"(^|\.)decoder\.", (("decoder", "decoder"),)),
-        (r"(^|\.)encoder\.", (("encoder", "encoder"),)),
-    )
-)
-"""BART, T5, Marian, Pegasus, DETR, ``nn.Transformer``: encoder self-attention, decoder self- and
-cross-attention."""
-
-CO_ATTENTION = StreamMap(
-    (
-        (r"x_layers\.\d+\.visual_attention\b", (("text", "image"), ("image", "text"))),
-        (r"(x_layers\.\d+\.lang_self_att|(^|\.)encoder\.layer\.\d+)\.", (("text", "text"),)),
-        (r"(x_layers\.\d+\.visn_self_att|r_layers\.\d+)\.", (("image", "image"),)),
-    )
-)
-"""LXMERT: language and vision self-attention, then cross layers (both directions, one step)."""
-
-SINGLE_STREAM = StreamMap(((r"", (("joint", "joint"),)),))
-"""ViLT, VisualBERT: self-attention over the joint text-and-image sequence."""
+    def layout(self, records: Sequence[CallRecord], read: str) -> StreamLayout:
+        """The :class:`~captum_chefer.core.readers.StreamLayout` of ``records``."""
+        steps = tuple(tuple(step) for step in self.steps(records))
+        return StreamLayout(self.sizes(records, steps), steps, read)
