@@ -270,3 +270,40 @@ def test_sdpa_scale_gqa_and_additive_mask_are_honoured():
     expected = read_rows(relevance_matrix(kept, [a.grad for a in kept]), one_hot_rows([0, 0], 6))
     assert_close(ours, expected.masked_fill(bias[:, 0, 0] < -1e3, 0.0))
     assert (ours[1, 4:] == 0).all()
+
+
+def test_renamed_engine_names_still_work_with_a_warning():
+    from captum_chefer.core import RowPropagation
+
+    abar = torch.tensor([[[0.0, 1.0], [0.5, 0.0]]])
+    new, old = (RowPropagation(torch.tensor([[1.0, 0.0]])) for _ in range(2))
+    new.open_layer()
+    new.fold(slice(0, 2), abar)
+    new.close_layer()
+    with pytest.warns(DeprecationWarning, match="open_layer"):
+        old.begin_layer()
+    with pytest.warns(DeprecationWarning, match="fold"):
+        old.add_block(slice(0, 2), abar)
+    with pytest.warns(DeprecationWarning, match="close_layer"):
+        old.end_layer()
+    assert torch.equal(old.added, new.added)
+    call = _random_call(causal=True)
+    with pytest.warns(DeprecationWarning, match="attendable"):
+        assert torch.equal(call.allowed(), call.attendable())
+
+
+def test_folding_the_head_mean_into_the_row_product_equals_head_reduce():
+    from captum_chefer.core import RowPropagation, head_reduce
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(2, 3, 4, 5, generator=g)
+    grads = torch.randn(2, 3, 4, 5, generator=g)
+    start = torch.rand(2, 5, generator=g)
+    by_mean, by_fold = RowPropagation(start), RowPropagation(start)
+    for prop in (by_mean, by_fold):
+        prop.open_layer()
+    by_mean.fold(slice(1, 5), head_reduce(probs, grads))
+    by_fold.fold_heads(slice(1, 5), (grads * probs).clamp(min=0))
+    for prop in (by_mean, by_fold):
+        prop.close_layer()
+    assert_close(by_fold.added, by_mean.added, rtol=1e-6)

@@ -64,9 +64,9 @@ class CallRecord:
 
     def attendable(self) -> Tensor | None:
         """Bool ``(B|1, H|1, Nq, Nk)`` of the (query, key) positions attended, or None when all
-        are (the call's :meth:`~captum_chefer.core.attention.AttentionCall.allowed`)."""
+        are (the call's :meth:`~captum_chefer.core.attention.AttentionCall.attendable`)."""
         if self.call is not None:
-            return self.call.allowed()
+            return self.call.attendable()
         assert self.probs is not None
         return self.probs.detach().reshape(self.shape) > 0
 

@@ -13,16 +13,19 @@ back-propagation continues to earlier layers exactly as the fused kernel's backw
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-BlockConsumer = Callable[[slice, Tensor, Tensor], None]
-"""Called as ``consumer(rows, probs, grad_probs)`` with ``(B, H, r, Nk)`` float32 blocks.
+BlockFeed = Callable[[slice, Tensor, Tensor], None]
+"""Called as ``feed(rows, probs, grad_probs)`` with ``(B, H, r, Nk)`` float32 blocks: the
+recorder binds a :class:`~captum_chefer.core.readers.Reader`'s ``add_block`` to its layer.
 
-The blocks are reused once the call returns: a consumer reduces them, it does not keep them.
+Both blocks are scratch once the call returns: ``grad_probs`` may be overwritten, and neither
+may be kept.
 """
 
 DEFAULT_BLOCK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
@@ -61,22 +64,29 @@ class AttentionCall:
         batch, heads, n_query, _ = self.query.shape
         return batch, heads, n_query, self.key.shape[-2]
 
-    def allowed(self, rows: slice = slice(None), hard_only: bool = False) -> Tensor | None:
+    def attendable(self, rows: slice = slice(None), hard_only: bool = False) -> Tensor | None:
         """Bool ``(B|1, H|1, r, Nk)`` of attendable positions for ``rows``, or None if all are.
 
         An additive float mask counts as blocking where it is below -1000 (padding in every
         convention in use: -inf, the dtype's minimum, -10000), unless ``hard_only``.
         """
         n_query, n_key = self.query.shape[-2], self.key.shape[-2]
-        allowed = None
+        attendable = None
         if self.mask is not None and (self.mask.dtype == torch.bool or not hard_only):
             block = _mask_rows(self.mask, rows)
-            allowed = block if block.dtype == torch.bool else block > -1e3
+            attendable = block if block.dtype == torch.bool else block > -1e3
         if self.is_causal:
             index = torch.arange(n_query, device=self.query.device)[rows]
             causal = index[:, None] >= torch.arange(n_key, device=self.query.device)[None, :]
-            allowed = causal if allowed is None else allowed & causal
-        return allowed
+            attendable = causal if attendable is None else attendable & causal
+        return attendable
+
+    def allowed(self, rows: slice = slice(None), hard_only: bool = False) -> Tensor | None:
+        """Deprecated name of :meth:`attendable`."""
+        warnings.warn(
+            "AttentionCall.allowed is now AttentionCall.attendable", DeprecationWarning, 2
+        )
+        return self.attendable(rows, hard_only)
 
 
 def _as_4d(mask: Tensor) -> Tensor:
@@ -130,10 +140,10 @@ def attention_probs(
     scores = torch.matmul(query, key.transpose(-1, -2))
     if call.mask is not None and call.mask.dtype != torch.bool:
         scores += _mask_rows(call.mask, rows)[..., keys]
-    allowed = call.allowed(rows, hard_only=True)
-    if allowed is None:
+    attendable = call.attendable(rows, hard_only=True)
+    if attendable is None:
         return torch.softmax(scores, dim=-1)
-    scores.masked_fill_(~allowed[..., keys], float("-inf"))
+    scores.masked_fill_(~attendable[..., keys], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return probs.nan_to_num(0.0) if differentiable else probs.nan_to_num_(0.0)
 
@@ -148,7 +158,7 @@ def causal_width(call: AttentionCall, rows: slice) -> int | None:
 def attention_backward(
     call: AttentionCall,
     grad_output: Tensor,
-    consumer: BlockConsumer | None,
+    consumer: BlockFeed | None,
     block_rows: int,
     need_input_grads: bool = True,
     key_prefix_blocks: bool = False,
@@ -187,7 +197,7 @@ def attention_backward(
 def _attention_backward(
     call: AttentionCall,
     grad_output: Tensor,
-    consumer: BlockConsumer | None,
+    consumer: BlockFeed | None,
     block_rows: int,
     need_input_grads: bool,
     key_prefix_blocks: bool,
@@ -239,9 +249,7 @@ class _BlockLoop:
             self.maybe_empty_rows = call.is_causal or bool(self.blocked.all(-1).any())
         size = flat * min(block_rows, self.n_query) * self.n_key
         device = call.query.device
-        self.scores, self.probs, self.d_probs = (
-            torch.empty(size, device=device) for _ in range(3)
-        )
+        self.scores, self.probs, self.d_probs = (torch.empty(size, device=device) for _ in range(3))
         self.need_input_grads = need_input_grads
         if need_input_grads:
             self.d_query_blocks: list[Tensor] = []

@@ -268,19 +268,19 @@ class CheferRowReader:
         self._last_index = check_last_first(self._last_index, index, "one relevance row")
         if index >= self.start_layer:
             assert self._propagation is not None, "prepare() first"
-            self._propagation.begin_layer()
+            self._propagation.open_layer()
 
     def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
         if index >= self.start_layer:
             assert self._propagation is not None
             # Eq. 5 before the mean over heads, formed in dA's memory (scratch, see Reader).
             weighted = grad_probs.mul_(probs).clamp_(min=0)
-            self._propagation.add_heads_block(rows, weighted)
+            self._propagation.fold_heads(rows, weighted)
 
     def end_layer(self, index: int) -> None:
         if index >= self.start_layer:
             assert self._propagation is not None
-            self._propagation.end_layer()
+            self._propagation.close_layer()
 
     def read(
         self,

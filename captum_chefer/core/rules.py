@@ -5,6 +5,8 @@ Shapes: ``B`` batch, ``H`` heads, ``N`` tokens. ``Abar`` is a head-reduced map `
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -67,9 +69,9 @@ class RowPropagation:
         >>> a = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
         >>> prop = RowPropagation(torch.tensor([[1.0, 0.0]]))
         >>> for _ in range(2):
-        ...     prop.begin_layer()
-        ...     prop.add_block(slice(0, 2), a)
-        ...     prop.end_layer()
+        ...     prop.open_layer()
+        ...     prop.fold(slice(0, 2), a)
+        ...     prop.close_layer()
         >>> prop.added
         tensor([[0., 2.]])
     """
@@ -80,33 +82,58 @@ class RowPropagation:
         self.added = torch.zeros_like(self.start)
         self._delta: Tensor | None = None
 
-    def begin_layer(self) -> None:
+    def open_layer(self) -> None:
+        """A layer's update starts; it is added to the row by :meth:`close_layer`."""
         self._delta = torch.zeros_like(self.added)
 
-    def add_block(self, rows: slice, abar_block: Tensor) -> None:
+    def fold(self, rows: slice, abar_block: Tensor) -> None:
         """Fold query ``rows`` of ``Abar_l`` ``(B, r, w)`` into the pending update.
 
         A block narrower than ``N`` covers the first ``w`` keys; the rest of its rows are 0.
         """
-        assert self._delta is not None, "begin_layer() first"
+        assert self._delta is not None, "open_layer() first"
         weights = (self.start[:, rows] + self.added[:, rows]).unsqueeze(1)
         width = abar_block.shape[-1]
         self._delta[:, :width] += torch.bmm(weights, abar_block.float()).squeeze(1)
 
-    def add_heads_block(self, rows: slice, weighted: Tensor) -> None:
-        """:meth:`add_block` for ``clamp(dA ⊙ A, 0)`` per head, ``(B, H, r, w)``.
+    def fold_heads(self, rows: slice, weighted: Tensor) -> None:
+        """:meth:`fold` for ``clamp(dA ⊙ A, 0)`` per head, ``(B, H, r, w)``.
 
         The mean over heads (eq. 5) is folded into the product with the row, which saves a
         pass over the block: the row's weights, divided by ``H``, are repeated once per head.
         """
-        assert self._delta is not None, "begin_layer() first"
+        assert self._delta is not None, "open_layer() first"
         batch, heads, n_rows, width = weighted.shape
         weights = (self.start[:, rows] + self.added[:, rows]) / heads
         weights = weights.repeat(1, heads).unsqueeze(1)  # (B, 1, H·r), head-major as the block
         block = weighted.float().reshape(batch, heads * n_rows, width)
         self._delta[:, :width] += torch.bmm(weights, block).squeeze(1)
 
-    def end_layer(self) -> None:
-        assert self._delta is not None, "begin_layer() first"
+    def close_layer(self) -> None:
+        assert self._delta is not None, "open_layer() first"
         self.added = self.added + self._delta
         self._delta = None
+
+    def begin_layer(self) -> None:
+        """Deprecated name of :meth:`open_layer` (it clashed with :class:`Reader`'s)."""
+        _renamed("begin_layer", "open_layer")
+        self.open_layer()
+
+    def add_block(self, rows: slice, abar_block: Tensor) -> None:
+        """Deprecated name of :meth:`fold`."""
+        _renamed("add_block", "fold")
+        self.fold(rows, abar_block)
+
+    def end_layer(self) -> None:
+        """Deprecated name of :meth:`close_layer`."""
+        _renamed("end_layer", "close_layer")
+        self.close_layer()
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"RowPropagation.{old} is now RowPropagation.{new}: the Reader protocol's "
+        "begin_layer / add_block / end_layer take other arguments",
+        DeprecationWarning,
+        stacklevel=3,
+    )
