@@ -14,7 +14,14 @@ from reference import assert_close, one_hot_rows, read_rows, relevance_matrix
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention as bound_sdpa
 
-from captum_chefer import AttentionGradCAM, CheferRelevance, RawAttention
+from captum_chefer import (
+    AttentionGradCAM,
+    AttentionRollout,
+    AttnLRP,
+    CheferRelevance,
+    GradientRollout,
+    RawAttention,
+)
 from captum_chefer.capture import Recorder
 from captum_chefer.core.attention import AttentionCall
 
@@ -407,3 +414,111 @@ def test_multihead_weights_are_returned_in_training_with_dropout():
     with pytest.warns(UserWarning, match="dropout was applied"):
         relevance = CheferRelevance(model).attribute(x, target=0)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all()
+
+
+class ConvMixModel(nn.Module):
+    """Attention layers, each followed by a depthwise convolution over the tokens (a hybrid),
+    after a convolution stem that makes the tokens. ``kernel=1`` mixes no tokens."""
+
+    def __init__(self, kernel: int, dim: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, dim)
+        self.stem = nn.Conv1d(dim, dim, 3, padding=1)
+        self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(layers)])
+        self.mix = nn.ModuleList(
+            [nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim) for _ in range(layers)]
+        )
+        self.head = nn.Linear(dim, 3)
+        self.keep: list[torch.Tensor] | None = None
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.stem(x.transpose(1, 2)).transpose(1, 2)
+        for qkv, mix in zip(self.qkv, self.mix):
+            q, k, v = (t.unsqueeze(1) for t in qkv(x).chunk(3, -1))
+            attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+            if self.keep is not None:
+                attn.retain_grad()
+                self.keep.append(attn)
+            x = torch.tanh(x + (attn @ v).squeeze(1))
+            x = x + mix(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x[:, 0])
+
+
+def test_token_mixing_before_the_layers_or_with_kernel_1_is_explained_exactly():
+    model = ConvMixModel(kernel=1).eval()
+    ids = _ids(seed=8) % 50
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token")
+    reference = copy.deepcopy(model).double()
+    reference.keep = []
+    reference(ids)[:, 1].sum().backward()
+    maps = [a.detach() for a in reference.keep]
+    expected = read_rows(
+        relevance_matrix(maps, [a.grad for a in reference.keep]), one_hot_rows([0, 0], 7)
+    )
+    assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("method", [CheferRelevance, AttentionRollout, GradientRollout])
+def test_token_mixing_between_attention_layers_is_refused_by_name(method):
+    model = ConvMixModel(kernel=3).eval()
+    ids = _ids(seed=8) % 50
+    with pytest.raises(
+        ValueError,
+        match=r"token mixing outside attention \(conv1d with kernel "
+        r"\(3,\) in mix\.0 \(Conv1d\); conv1d with kernel \(3,\) in mix\.1",
+    ) as error:
+        method(model).attribute(ids, target=1)
+    assert "AttnLRP(model)" in str(error.value)
+    _no_capture_left()
+
+
+def test_token_mixing_refusal_names_a_fix_that_works():
+    model = ConvMixModel(kernel=3).eval()
+    ids = _ids(seed=8) % 50
+    relevance = AttnLRP(model).attribute(ids, target=1, output="token", layer=model.embed)
+    assert relevance.shape == (2, 7)
+    assert bool(torch.isfinite(relevance).all()) and bool((relevance != 0).all())
+
+
+def test_layers_read_alone_are_not_refused_for_token_mixing():
+    model = ConvMixModel(kernel=3).eval()
+    ids = _ids(seed=8) % 50
+    raw = RawAttention(model).attribute(ids, target=1, output="token", self_relevance="keep")
+    reference = copy.deepcopy(model)
+    reference.keep = []
+    reference(ids)
+    assert_close(raw, reference.keep[-1].detach()[:, 0, 0])
+    cam = AttentionGradCAM(model).attribute(ids, target=1, output="token")
+    assert cam.shape == (2, 7) and bool(torch.isfinite(cam).all())
+
+
+def test_audio_positional_convolution_makes_the_tokens_and_is_explained_exactly():
+    from reference import hf_eager_attentions
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_kernel=(10, 3),
+        conv_stride=(5, 2),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        num_labels=3,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+    )
+    model = Wav2Vec2ForSequenceClassification(config).eval()
+    audio = torch.randn(2, 160, generator=torch.Generator().manual_seed(9))
+    ours = CheferRelevance(model).attribute(audio, target=1, output="token", token_index=0)
+    maps, grads = hf_eager_attentions(model, lambda out: out.logits[:, 1], input_values=audio)
+    assert_close(ours, read_rows(relevance_matrix(maps, grads), one_hot_rows([0, 0], 15)))

@@ -20,6 +20,7 @@ from ..capture import (
     Dependencies,
     Recorder,
     capture_attention,
+    check_token_mixing,
     module_scope,
     warn_if_training,
 )
@@ -95,7 +96,7 @@ def trace_attention(
             stack.enter_context(capture_attention(model, recorder))
             output = as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
         warn_if_training(model, recorder, stacklevel=4)
-        if recorder.unread:
+        if recorder.unread and not recorder.records:
             raise RuntimeError(UNREAD.format(shapes=sorted(set(recorder.unread.values()))))
         if not recorder.records:
             raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
@@ -109,6 +110,9 @@ def trace_attention(
         records = recorder.records
         trace = Trace(output.detach(), target, records, dependencies, *_validity(records[0]))
         before_backward(trace)
+        check_token_mixing(recorder, model)
+        if recorder.unread:
+            raise RuntimeError(UNREAD.format(shapes=sorted(set(recorder.unread.values()))))
         anchors = list(recorder.anchors.values())
         torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
     return trace

@@ -89,5 +89,24 @@ def dependencies(output: Tensor, nodes: Sequence[Node | None]) -> Dependencies:
     )
 
 
+def mixing_outside_attention(found: Dependencies, n_calls: int) -> frozenset[int]:
+    """Of the nodes ``n_calls`` on (token-mixing operations, after the attention calls ``0 ..
+    n_calls - 1``), the indexes of those on the path that lie below no first attention layer.
+
+    A first layer is a call on the path that depends on no other call. What lies below one
+    takes part in making its tokens (a patch or positional convolution); everything else on the
+    path mixes tokens after, or beside, the first layer.
+
+    Example:
+        >>> below = {0: frozenset({2}), 1: frozenset({0, 2}), 2: frozenset(), 3: frozenset({0})}
+        >>> sorted(mixing_outside_attention(Dependencies((0, 1, 2, 3), below), 2))
+        [3]
+    """
+    calls = [i for i in found.on_path if i < n_calls]
+    first = [i for i in calls if not any(j < n_calls for j in found.below[i])]
+    making = frozenset().union(*(found.below[i] for i in first))
+    return frozenset(i for i in found.on_path if i >= n_calls and i not in making)
+
+
 def _bits(mask: int) -> frozenset[int]:
     return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)

@@ -81,6 +81,9 @@ def weighted_rows(start: Tensor, rows: slice, block: Tensor) -> Tensor:
 class _LastLayerReader:
     """Reads the start rows of the last attention layer; earlier layers are ignored."""
 
+    propagates_through_layers = False
+    """Only one layer is read, so token mixing elsewhere is no part of the map's claim."""
+
     def prepare(self, setup: ReadSetup) -> None:
         self._setup = setup
         self._last = setup.n_layers - 1
@@ -179,6 +182,9 @@ class RolloutReader:
         >>> reader.read("keep")
         tensor([[0.2500, 0.7500]])
     """
+
+    propagates_through_layers = True
+    """The relevance is carried through every layer (token mixing outside attention is refused)."""
 
     def __init__(self, start_layer: int = 0, head_fusion: HeadFusion = "mean") -> None:
         self.start_layer = start_layer

@@ -184,6 +184,9 @@ class AbarCollector:
         (tensor([[[1., 0.]]]), tensor([[[0., 0.]]]))
     """
 
+    propagates_through_layers = True
+    """The relevance is carried through every layer (token mixing outside attention is refused)."""
+
     def __init__(self) -> None:
         self.abars: dict[int, Tensor] = {}
         self._shapes: dict[int, tuple[int, ...]] = {}

@@ -23,6 +23,9 @@ class RowRelevance:
             al.'s ViT evaluations with ``start_layer=1``.
     """
 
+    propagates_through_layers = True
+    """The relevance is carried through every layer (token mixing outside attention is refused)."""
+
     accepts_key_prefix_blocks = True
     """Blocks of causal layers may stop at their last attendable key (half the work)."""
 
@@ -69,6 +72,9 @@ class MatrixRelevance:
     Args:
         start_layer: layers (forward order) below this index are left out.
     """
+
+    propagates_through_layers = True
+    """The relevance is carried through every layer (token mixing outside attention is refused)."""
 
     def __init__(self, start_layer: int = 0) -> None:
         self.start_layer = start_layer

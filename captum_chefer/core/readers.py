@@ -42,6 +42,9 @@ class ReadSetup:
 class RowReader(Protocol):
     """A consumer of ``(A, dA)`` blocks that yields one relevance row per example."""
 
+    propagates_through_layers: bool
+    """Whether the row is carried through every layer (False: it reads one layer)."""
+
     def prepare(self, setup: ReadSetup) -> None:
         """Called once after the forward pass, before any layer arrives."""
 
