@@ -19,6 +19,7 @@ from captum_chefer import (
     AttentionRollout,
     AttnLRP,
     CheferRelevance,
+    CheferSingleStream,
     GradientRollout,
     RawAttention,
 )
@@ -418,7 +419,8 @@ def test_multihead_weights_are_returned_in_training_with_dropout():
 
 class ConvMixModel(nn.Module):
     """Attention layers, each followed by a depthwise convolution over the tokens (a hybrid),
-    after a convolution stem that makes the tokens. ``kernel=1`` mixes no tokens."""
+    after a convolution stem that makes the tokens. ``kernel=1`` mixes no tokens. With
+    ``regions`` ``(B, R, 8)`` it is a single-stream model over text and regions."""
 
     def __init__(self, kernel: int, dim: int = 16, layers: int = 2) -> None:
         super().__init__()
@@ -430,10 +432,13 @@ class ConvMixModel(nn.Module):
             [nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim) for _ in range(layers)]
         )
         self.head = nn.Linear(dim, 3)
+        self.regions = nn.Linear(8, dim)
         self.keep: list[torch.Tensor] | None = None
 
-    def forward(self, ids):
+    def forward(self, ids, regions=None):
         x = self.embed(ids)
+        if regions is not None:
+            x = torch.cat([x, self.regions(regions)], 1)
         x = x + self.stem(x.transpose(1, 2)).transpose(1, 2)
         for qkv, mix in zip(self.qkv, self.mix):
             q, k, v = (t.unsqueeze(1) for t in qkv(x).chunk(3, -1))
@@ -472,6 +477,19 @@ def test_token_mixing_between_attention_layers_is_refused_by_name(method):
         method(model).attribute(ids, target=1)
     assert "AttnLRP(model)" in str(error.value)
     _no_capture_left()
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_token_mixing_is_refused_for_a_multimodal_stream_too(kernel):
+    model = ConvMixModel(kernel).eval()
+    inputs = (_ids(seed=8) % 50, torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(8)))
+    explainer = CheferSingleStream(model)
+    if kernel == 1:
+        text, regions = explainer.attribute(inputs, target=1)
+        assert text.shape == (2, 7) and regions.shape == (2, 3, 8)
+        return
+    with pytest.raises(ValueError, match=r"token mixing outside attention \(conv1d"):
+        explainer.attribute(inputs, target=1)
 
 
 def test_token_mixing_refusal_names_a_fix_that_works():
@@ -522,3 +540,53 @@ def test_audio_positional_convolution_makes_the_tokens_and_is_explained_exactly(
     ours = CheferRelevance(model).attribute(audio, target=1, output="token", token_index=0)
     maps, grads = hf_eager_attentions(model, lambda out: out.logits[:, 1], input_values=audio)
     assert_close(ours, read_rows(relevance_matrix(maps, grads), one_hot_rows([0, 0], 15)))
+
+
+class AttentionPoolModel(nn.Module):
+    """One attention layer, then an attention-pooling head: a softmax over the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.score = nn.Linear(16, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        x = self.layer(self.embed(ids))
+        weights = torch.softmax(self.score(x), dim=1)  # (B, N, 1)
+        return self.head((weights * x).sum(1))
+
+
+def test_attention_pooling_is_refused_and_the_named_fixes_work():
+    from captum.attr import LayerIntegratedGradients
+
+    model = AttentionPoolModel().eval()
+    ids = _ids(seed=10) % 50
+    with pytest.raises(ValueError, match=r"softmax over dim 1 of \(2, 7, 1\)") as error:
+        CheferRelevance(model).attribute(ids, target=1)
+    message = str(error.value)
+    assert "AttnLRP(model)" in message and "LayerIntegratedGradients" in message
+    relevance = AttnLRP(model).attribute(ids, target=1, output="token", layer=model.embed)
+    assert relevance.shape == (2, 7) and bool(torch.isfinite(relevance).all())
+    integrated = LayerIntegratedGradients(model, model.embed)
+    maps, delta = integrated.attribute(ids, target=1, return_convergence_delta=True, n_steps=64)
+    # Completeness, against an independent quantity: the attributions sum to f(x) - f(baseline).
+    with torch.no_grad():
+        gap = model(ids)[:, 1] - model(torch.zeros_like(ids))[:, 1]
+    assert torch.allclose(maps.sum((1, 2)), gap, atol=1e-2)
+    _no_capture_left()
+
+
+def test_a_softmax_off_the_explained_path_is_not_refused():
+    model = AttentionPoolModel().eval()
+    ids = _ids(seed=10) % 50
+
+    def forward(ids):  # the pooled branch is computed but not explained
+        x = model.layer(model.embed(ids))
+        torch.softmax(model.score(x), dim=1)
+        return model.head(x[:, 0])
+
+    row = CheferRelevance(forward, model).attribute(ids, target=1, output="token")
+    assert row.shape == (2, 7) and bool(torch.isfinite(row).all())

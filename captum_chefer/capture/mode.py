@@ -26,8 +26,9 @@ folded into the batch (older Hugging Face code): it is captured too, and split i
 N)`` (batch-major, as ``view(B * H, N, N)`` folds them) once the explained batch is known.
 Softmaxes over 2-D tensors (a router's ``(tokens, experts)``, a classifier's output) pass
 through untouched. Softmaxes that look like attention in a layout the capture cannot read (a
-non-last dimension, five dimensions) are noted as *unread*, so that the attribution refuses
-rather than silently missing their layers.
+non-last dimension, five dimensions; an attention-pooling head's ``(B, N, 1)`` over the tokens)
+are noted with the token-mixing operations, so that the attribution refuses rather than
+silently missing them where the explained output depends on them.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class AttentionMode(TorchFunctionMode):
         if probs.dim() == 3 and last and square:
             return self.recorder.probabilities(probs.unsqueeze(1), folded=True).squeeze(1)
         if probs.dim() > 4 or not last or square:
-            self.recorder.unread[id(probs)] = f"{tuple(probs.shape)} over dim {dim}"
+            description = f"softmax over dim {dim} of {tuple(probs.shape)}"
+            self.recorder.note_mixing(description, probs, None, unread=True)
         return probs
 
     def _without_sink(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:

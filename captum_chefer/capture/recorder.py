@@ -70,6 +70,9 @@ class MixingRecord:
     batch: int | None = None
     """The batch size of a convolution's input: with tokens folded into the batch (another
     size than the explained output's), it runs over a per-token axis and does not mix."""
+    unread: bool = False
+    """A softmax that looks like attention in a layout the capture cannot read (over another
+    dimension than the last, or five dimensions), e.g. an attention-pooling head."""
 
 
 @dataclass
@@ -120,8 +123,6 @@ class Recorder:
     """Names of the modules running now, outermost first (see ``module_scope``)."""
     dropout_active: bool = False
     """Whether the forward applied dropout (training mode): the relevance is then random."""
-    unread: dict[int, str] = field(default_factory=dict)
-    """Softmaxes that look like attention in a layout the capture cannot read, described."""
     mixing: list[MixingRecord] = field(default_factory=list)
     """Operations that mix tokens outside attention, in forward order."""
     mixing_on_path: list[tuple[MixingRecord, bool]] = field(default_factory=list)
@@ -144,9 +145,12 @@ class Recorder:
         self.records.append(record)
         return record
 
-    def note_mixing(self, description: str, output: Tensor, batch: int | None) -> None:
+    def note_mixing(
+        self, description: str, output: Tensor, batch: int | None, unread: bool = False
+    ) -> None:
         """Note an operation outside attention that mixes tokens, whose output is ``output``."""
-        self.mixing.append(MixingRecord(description, running_module(), output.grad_fn, batch))
+        record = MixingRecord(description, running_module(), output.grad_fn, batch, unread)
+        self.mixing.append(record)
 
     def _keep(self, record: CallRecord, output: Tensor) -> Tensor:
         record.node = output.grad_fn
@@ -349,20 +353,28 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
         and not (makes_tokens and not _inside(names.get(id(op.owner)), stacks))
     ]
     if found:
-        raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names)))
+        unread = UNREAD if any(op.unread for op in found) else ""
+        raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names), unread=unread))
 
 
 TOKEN_MIXING = (
     "token mixing outside attention ({ops}): the explained output depends on tokens mixed by "
-    "operations other than attention between or after its attention layers (a convolution over "
-    "the tokens, a state-space or linear-attention scan, an FFT, a recurrence). Chefer's rule "
+    "operations other than the captured attention between or after its attention layers (a "
+    "convolution over the tokens, a state-space or linear-attention scan, an FFT, a recurrence, "
+    "an attention-pooling head). Chefer's rule "
     "and rollout propagate relevance through attention only, so the map would silently leave "
     "this mixing out; it is refused. Explain the model with a method that goes through every "
     "operation: captum_chefer.AttnLRP(model) (or CPLRP), e.g. "
     "AttnLRP(model).attribute(input_ids, target=...) (layer= the token layer where the "
     "model has no get_input_embeddings()), or "
     "captum.attr.LayerIntegratedGradients on the embedding layer. RawAttention and "
-    "AttentionGradCAM, which read one layer, are not refused."
+    "AttentionGradCAM, which read one layer, are not refused.{unread}"
+)
+UNREAD = (
+    " A softmax over another dimension than the last (an attention-pooling head's (B, N, 1) "
+    "over the tokens, or attention laid out otherwise) is not read as attention; if it is "
+    "self-attention in another layout and you can edit its code, pass its probabilities as "
+    "(B, H, N, N) to captum_chefer.mark_attention()."
 )
 
 
