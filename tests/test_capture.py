@@ -422,7 +422,7 @@ class ConvMixModel(nn.Module):
     after a convolution stem that makes the tokens. ``kernel=1`` mixes no tokens. With
     ``regions`` ``(B, R, 8)`` it is a single-stream model over text and regions."""
 
-    def __init__(self, kernel: int, dim: int = 16, layers: int = 2) -> None:
+    def __init__(self, kernel: int, dim: int = 16, layers: int = 2, on_keys: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(50, dim)
@@ -433,6 +433,7 @@ class ConvMixModel(nn.Module):
         )
         self.head = nn.Linear(dim, 3)
         self.regions = nn.Linear(8, dim)
+        self.on_keys = on_keys
         self.keep: list[torch.Tensor] | None = None
 
     def forward(self, ids, regions=None):
@@ -441,18 +442,27 @@ class ConvMixModel(nn.Module):
             x = torch.cat([x, self.regions(regions)], 1)
         x = x + self.stem(x.transpose(1, 2)).transpose(1, 2)
         for qkv, mix in zip(self.qkv, self.mix):
-            q, k, v = (t.unsqueeze(1) for t in qkv(x).chunk(3, -1))
+            q, k, v = qkv(x).chunk(3, -1)
+            if self.on_keys:  # mixing that shapes the scores only
+                k = k + mix(k.transpose(1, 2)).transpose(1, 2)
+            q, k, v = (t.unsqueeze(1) for t in (q, k, v))
             attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
             if self.keep is not None:
                 attn.retain_grad()
                 self.keep.append(attn)
             x = torch.tanh(x + (attn @ v).squeeze(1))
-            x = x + mix(x.transpose(1, 2)).transpose(1, 2)
+            if not self.on_keys:
+                x = x + mix(x.transpose(1, 2)).transpose(1, 2)
         return self.head(x[:, 0])
 
 
-def test_token_mixing_before_the_layers_or_with_kernel_1_is_explained_exactly():
-    model = ConvMixModel(kernel=1).eval()
+@pytest.mark.parametrize(
+    "model",
+    [ConvMixModel(kernel=1), ConvMixModel(kernel=3, on_keys=True)],
+    ids=["kernel 1", "convolution on the keys"],
+)
+def test_mixing_that_makes_the_tokens_or_shapes_the_scores_is_explained_exactly(model):
+    model = model.eval()
     ids = _ids(seed=8) % 50
     ours = CheferRelevance(model).attribute(ids, target=1, output="token")
     reference = copy.deepcopy(model).double()
@@ -590,3 +600,30 @@ def test_a_softmax_off_the_explained_path_is_not_refused():
 
     row = CheferRelevance(forward, model).attribute(ids, target=1, output="token")
     assert row.shape == (2, 7) and bool(torch.isfinite(row).all())
+
+
+def test_hf_hybrid_with_short_convolutions_is_refused_and_attnlrp_explains_it():
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Lfm2Config(
+        vocab_size=60,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        layer_types=["full_attention", "conv"],
+        max_position_embeddings=32,
+    )
+    model = Lfm2ForCausalLM(config).eval()
+    ids = _ids(size=6, seed=11) % 60
+
+    def forward(ids):
+        return model(ids).logits[:, -1]
+
+    with pytest.raises(ValueError, match=r"conv1d with kernel \(3,\) in model\.layers\.1\.conv "):
+        CheferRelevance(forward, model).attribute(ids, target=1)
+    relevance = AttnLRP(forward, model).attribute(ids, target=1, output="token")
+    assert relevance.shape == (2, 6) and bool(torch.isfinite(relevance).all())
+    assert bool((relevance != 0).any())

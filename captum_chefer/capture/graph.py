@@ -108,5 +108,36 @@ def mixing_outside_attention(found: Dependencies, n_calls: int) -> frozenset[int
     return frozenset(i for i in found.on_path if i >= n_calls and i not in making)
 
 
+def reached_past_scores(output: Tensor, attention: dict[Node, tuple[int, ...]]) -> set[Node]:
+    """The nodes ``output`` reaches along paths that carry token content, not attention scores.
+
+    ``attention`` maps each captured call's node to the positions of its inputs that carry
+    content (the values of a kernel call; none for probabilities, whose inputs are the scores).
+    Mixing that only shapes the scores (a convolution on the keys) changes ``A``, which the rule
+    reads as it is; mixing on these paths moves content from token to token.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> scores = x * 2
+        >>> probs = scores.softmax(0)
+        >>> reached = reached_past_scores((probs * x).sum(), {probs.grad_fn: ()})
+        >>> scores.grad_fn in reached, probs.grad_fn in reached
+        (False, True)
+    """
+    seen: set[Node] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        children = node.next_functions
+        if node in attention:
+            children = tuple(children[i] for i in attention[node] if i < len(children))
+        stack.extend(child for child, _ in children)
+    return seen
+
+
 def _bits(mask: int) -> frozenset[int]:
     return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.attention import AttentionCall, attention_backward, block_rows_for
-from .graph import Dependencies, dependencies, mixing_outside_attention
+from .graph import Dependencies, dependencies, mixing_outside_attention, reached_past_scores
 
 
 class Consumer(Protocol):
@@ -183,6 +183,12 @@ class Recorder:
         nodes = [record.node for record in self.records] + [op.node for op in self.mixing]
         every = dependencies(output, nodes)
         outside = mixing_outside_attention(every, n_calls)
+        if outside:  # only what moves content from token to token, not what shapes the scores
+            content: dict[Any, tuple[int, ...]] = {
+                r.node: _CONTENT_INPUTS if r.call else () for r in self.records
+            }
+            reached = reached_past_scores(output, content)
+            outside = frozenset(i for i in outside if nodes[i] in reached)
         self.mixing_on_path = [
             (self.mixing[i - n_calls], i not in outside) for i in every.on_path if i >= n_calls
         ]
@@ -270,6 +276,10 @@ class Recorder:
         self.consumer.begin_layer(record.index, None, record.shape)
         self.consumer.add_block(record.index, slice(None), probs.float(), grad_probs.float())
         self.consumer.end_layer(record.index)
+
+
+_CONTENT_INPUTS = (3,)
+"""The value among the tensor inputs of :class:`_CapturedKernel` (anchor, query, key, value)."""
 
 
 class _CapturedKernel(torch.autograd.Function):
