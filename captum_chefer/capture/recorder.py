@@ -346,13 +346,15 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
       model's layer stack (an ``nn.ModuleList`` holding attention), as ViT's patch
       convolution, Whisper's convolution stem and wav2vec2's positional convolution do. The
       rule explains the tokens that enter the first layer, and these operations define them;
+    - mixing that only shapes the attention scores (a convolution on the keys): it changes
+      ``A``, which the rule reads as it is;
     - a kernel of size 1, or a convolution over a per-token axis with the tokens folded into
       the batch;
     - a consumer that reads one layer only (``propagates_through_layers`` False: raw
       attention, attention Grad-CAM), whose map makes no claim about the other layers.
     """
     consumer = recorder.consumer
-    if consumer is not None and not consumer.propagates_through_layers:
+    if not recorder.mixing_on_path or (consumer and not consumer.propagates_through_layers):
         return
     names = {id(module): name for name, module in model.named_modules()} if model else {}
     stacks = _attention_stacks(model, recorder.records, names)
