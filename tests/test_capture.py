@@ -627,3 +627,20 @@ def test_hf_hybrid_with_short_convolutions_is_refused_and_attnlrp_explains_it():
     relevance = AttnLRP(forward, model).attribute(ids, target=1, output="token")
     assert relevance.shape == (2, 6) and bool(torch.isfinite(relevance).all())
     assert bool((relevance != 0).any())
+
+
+def test_attention_in_a_layout_it_cannot_read_is_named_when_nothing_else_is_captured():
+    class ColumnSoftmax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(50, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            x = self.embed(ids)  # attention normalised over the queries: (B, 1, N, N), dim 2
+            attn = torch.softmax((x @ x.transpose(-1, -2)).unsqueeze(1), dim=2)
+            return self.head((attn.squeeze(1) @ x)[:, 0])
+
+    with pytest.raises(ValueError, match=r"softmax over dim 2 of \(2, 1, 7, 7\)"):
+        CheferRelevance(ColumnSoftmax().eval()).attribute(_ids(seed=12) % 50, target=1)

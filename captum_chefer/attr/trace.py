@@ -89,6 +89,7 @@ def trace_attention(
             output = as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
         warn_if_training(model, recorder, stacklevel=4)
         if not recorder.records:
+            check_token_mixing(recorder, model)  # names softmaxes it could not read, if any
             raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
         target = default_target(output, target)
         selected = select_one_per_example(output, target)

@@ -335,7 +335,8 @@ def running_module() -> nn.Module | None:
 
 def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
     """Refuse, naming the operation, where the explained output depends on tokens being mixed
-    outside attention and the relevance would be carried through attention only.
+    outside attention and the relevance would be carried through attention only; and, where no
+    attention was captured, name the softmaxes that could not be read as attention.
 
     Chefer's rule (and rollout) propagate relevance through the attention maps and the
     identity of the residual: a convolution over the tokens, a scan (Mamba, gated delta-net
@@ -353,10 +354,13 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
     - a consumer that reads one layer only (``propagates_through_layers`` False: raw
       attention, attention Grad-CAM), whose map makes no claim about the other layers.
     """
+    names = {id(module): name for name, module in model.named_modules()} if model else {}
+    if not recorder.records and any(op.unread for op in recorder.mixing):
+        softmaxes = [op for op in recorder.mixing if op.unread]
+        raise ValueError(NOTHING_READ.format(ops=_describe(softmaxes, names)))
     consumer = recorder.consumer
     if not recorder.mixing_on_path or (consumer and not consumer.propagates_through_layers):
         return
-    names = {id(module): name for name, module in model.named_modules()} if model else {}
     stacks = _attention_stacks(model, recorder.records, names)
     found = [
         op
@@ -365,8 +369,8 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
         and not (makes_tokens and not _inside(names.get(id(op.owner)), stacks))
     ]
     if found:
-        unread = UNREAD if any(op.unread for op in found) else ""
-        raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names), unread=unread))
+        hint = UNREAD if any(op.unread for op in found) else ""
+        raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names), unread=hint))
 
 
 TOKEN_MIXING = (
@@ -381,6 +385,14 @@ TOKEN_MIXING = (
     "model has no get_input_embeddings()), or "
     "captum.attr.LayerIntegratedGradients on the embedding layer. RawAttention and "
     "AttentionGradCAM, which read one layer, are not refused.{unread}"
+)
+NOTHING_READ = (
+    "No attention could be read: the model's softmaxes are in layouts captum_chefer cannot "
+    "read as attention ({ops}: over another dimension than the last, or over five dimensions). "
+    "If one is self-attention and you can edit its code, pass its probabilities as "
+    "(B, H, N, N) to captum_chefer.mark_attention(); otherwise explain the model with a method "
+    "that goes through every operation: captum_chefer.AttnLRP(model) (or CPLRP), or "
+    "captum.attr.LayerIntegratedGradients on the embedding layer."
 )
 UNREAD = (
     " A softmax over another dimension than the last (an attention-pooling head's (B, N, 1) "
