@@ -80,7 +80,19 @@ TINY = {
     "n_group": 1,
     "topk_group": 1,
     "pad_token_id": 0,
+    "mamba_n_heads": 4,
+    "entity_vocab_size": 99,
+    "encoder_hash_byte_group_vocab": 99,
+    "vocab_size_per_layer_input": 99,
+    "hidden_size_per_layer_input": 8,
+    "d_latents": 32,
+    "num_latents": 8,
+    "num_self_attends_per_block": 2,
+    "num_self_attention_heads": 4,
+    "num_cross_attention_heads": 1,
 }
+NONE_SIZES = ("head_dim", "num_key_value_heads")
+"""Sizes a config may leave at None for the model to derive (some models then fail on it)."""
 _SWIN = {
     "image_size": 16,
     "patch_size": 2,
@@ -93,6 +105,13 @@ QUIRKS = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "big_bird": {"attention_type": "original_full"},
     "bigbird_pegasus": {"attention_type": "original_full"},
+    "lfm2": {"full_attn_idxs": [0], "layer_types": None},  # the default is attention only
+    "lfm2_moe": {"layer_types": ["full_attention", "conv"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # its pattern is a period
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "bamba": {"attn_layer_indices": [1]},  # the defaults have no attention layer
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    "mamba2": {"expand": 1, "n_groups": 1},  # heads * head_dim must be hidden_size * expand
     "swin": _SWIN,
     "swinv2": _SWIN,
     "donut-swin": _SWIN,
@@ -177,11 +196,13 @@ def tiny_kwargs(default) -> dict:
     kwargs: dict = {}
     for name, value in TINY.items():
         settable = not isinstance(getattr(type(default), name, None), property)
-        if settable and isinstance(_read(default, name), int):
+        unset = name in NONE_SIZES and name in vars(default) and _read(default, name) is None
+        if settable and (isinstance(_read(default, name), int) or unset):
             kwargs[name] = value
     if _read(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # latent attention
     layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
+    patterns: dict[str, list] = {}
     for name, value in vars(default).items():
         droppy = "dropout" in name or name.endswith("_drop") or "drop_path" in name
         if droppy and isinstance(value, float):
@@ -190,7 +211,16 @@ def tiny_kwargs(default) -> dict:
             kwargs[name] = {**value.to_dict(), **tiny_kwargs(value)}
         elif isinstance(value, list) and len(value) == layers and layers > 1:
             kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
-            kwargs[name] = (kinds + [value[0]])[:2]
+            if all(isinstance(kind, str) for kind in kinds):
+                patterns[name] = kinds
+            else:  # per-layer numbers (indexes, sizes): the first two
+                kwargs[name] = (kinds + [value[0]])[:2]
+    count = max([2, *(len(kinds) for kinds in patterns.values())])
+    for name, kinds in patterns.items():  # every kind of layer kept (Mamba, MoE, attention)
+        kwargs[name] = (kinds * count)[:count]
+    for name in ("num_hidden_layers", "num_layers"):
+        if patterns and name in kwargs:
+            kwargs[name] = count
     return {**kwargs, **QUIRKS.get(getattr(default, "model_type", ""), {})}
 
 
@@ -243,6 +273,9 @@ def build_hf(family: str):
         model = model_class(config).eval()
     except Exception as error:  # noqa: BLE001
         raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+    languages = getattr(config, "languages", None)
+    if languages and hasattr(model, "set_default_language"):  # X-MOD's language adapters
+        model.set_default_language(languages[0])
     return kind, model
 
 

@@ -14,7 +14,15 @@ from reference import assert_close, one_hot_rows, read_rows, relevance_matrix
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention as bound_sdpa
 
-from captum_chefer import AttentionGradCAM, CheferRelevance, RawAttention
+from captum_chefer import (
+    AttentionGradCAM,
+    AttentionRollout,
+    AttnLRP,
+    CheferRelevance,
+    CheferSingleStream,
+    GradientRollout,
+    RawAttention,
+)
 from captum_chefer.capture import Recorder
 from captum_chefer.core.attention import AttentionCall
 
@@ -407,3 +415,232 @@ def test_multihead_weights_are_returned_in_training_with_dropout():
     with pytest.warns(UserWarning, match="dropout was applied"):
         relevance = CheferRelevance(model).attribute(x, target=0)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all()
+
+
+class ConvMixModel(nn.Module):
+    """Attention layers, each followed by a depthwise convolution over the tokens (a hybrid),
+    after a convolution stem that makes the tokens. ``kernel=1`` mixes no tokens. With
+    ``regions`` ``(B, R, 8)`` it is a single-stream model over text and regions."""
+
+    def __init__(self, kernel: int, dim: int = 16, layers: int = 2, on_keys: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, dim)
+        self.stem = nn.Conv1d(dim, dim, 3, padding=1)
+        self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(layers)])
+        self.mix = nn.ModuleList(
+            [nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim) for _ in range(layers)]
+        )
+        self.head = nn.Linear(dim, 3)
+        self.regions = nn.Linear(8, dim)
+        self.on_keys = on_keys
+        self.keep: list[torch.Tensor] | None = None
+
+    def forward(self, ids, regions=None):
+        x = self.embed(ids)
+        if regions is not None:
+            x = torch.cat([x, self.regions(regions)], 1)
+        x = x + self.stem(x.transpose(1, 2)).transpose(1, 2)
+        for qkv, mix in zip(self.qkv, self.mix):
+            q, k, v = qkv(x).chunk(3, -1)
+            if self.on_keys:  # mixing that shapes the scores only
+                k = k + mix(k.transpose(1, 2)).transpose(1, 2)
+            q, k, v = (t.unsqueeze(1) for t in (q, k, v))
+            attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+            if self.keep is not None:
+                attn.retain_grad()
+                self.keep.append(attn)
+            x = torch.tanh(x + (attn @ v).squeeze(1))
+            if not self.on_keys:
+                x = x + mix(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize(
+    "model",
+    [ConvMixModel(kernel=1), ConvMixModel(kernel=3, on_keys=True)],
+    ids=["kernel 1", "convolution on the keys"],
+)
+def test_mixing_that_makes_the_tokens_or_shapes_the_scores_is_explained_exactly(model):
+    model = model.eval()
+    ids = _ids(seed=8) % 50
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token")
+    reference = copy.deepcopy(model).double()
+    reference.keep = []
+    reference(ids)[:, 1].sum().backward()
+    maps = [a.detach() for a in reference.keep]
+    expected = read_rows(
+        relevance_matrix(maps, [a.grad for a in reference.keep]), one_hot_rows([0, 0], 7)
+    )
+    assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("method", [CheferRelevance, AttentionRollout, GradientRollout])
+def test_token_mixing_between_attention_layers_is_refused_by_name(method):
+    model = ConvMixModel(kernel=3).eval()
+    ids = _ids(seed=8) % 50
+    with pytest.raises(
+        ValueError,
+        match=r"token mixing outside attention \(conv1d with kernel "
+        r"\(3,\) in mix\.0 \(Conv1d\); conv1d with kernel \(3,\) in mix\.1",
+    ) as error:
+        method(model).attribute(ids, target=1)
+    assert "AttnLRP(model)" in str(error.value)
+    _no_capture_left()
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_token_mixing_is_refused_for_a_multimodal_stream_too(kernel):
+    model = ConvMixModel(kernel).eval()
+    inputs = (_ids(seed=8) % 50, torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(8)))
+    explainer = CheferSingleStream(model)
+    if kernel == 1:
+        text, regions = explainer.attribute(inputs, target=1)
+        assert text.shape == (2, 7) and regions.shape == (2, 3, 8)
+        return
+    with pytest.raises(ValueError, match=r"token mixing outside attention \(conv1d"):
+        explainer.attribute(inputs, target=1)
+
+
+def test_token_mixing_refusal_names_a_fix_that_works():
+    model = ConvMixModel(kernel=3).eval()
+    ids = _ids(seed=8) % 50
+    relevance = AttnLRP(model).attribute(ids, target=1, output="token", layer=model.embed)
+    assert relevance.shape == (2, 7)
+    assert bool(torch.isfinite(relevance).all()) and bool((relevance != 0).all())
+
+
+def test_layers_read_alone_are_not_refused_for_token_mixing():
+    model = ConvMixModel(kernel=3).eval()
+    ids = _ids(seed=8) % 50
+    raw = RawAttention(model).attribute(ids, target=1, output="token", self_relevance="keep")
+    reference = copy.deepcopy(model)
+    reference.keep = []
+    reference(ids)
+    assert_close(raw, reference.keep[-1].detach()[:, 0, 0])
+    cam = AttentionGradCAM(model).attribute(ids, target=1, output="token")
+    assert cam.shape == (2, 7) and bool(torch.isfinite(cam).all())
+
+
+def test_audio_positional_convolution_makes_the_tokens_and_is_explained_exactly():
+    from reference import hf_eager_attentions
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_kernel=(10, 3),
+        conv_stride=(5, 2),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        num_labels=3,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+    )
+    model = Wav2Vec2ForSequenceClassification(config).eval()
+    audio = torch.randn(2, 160, generator=torch.Generator().manual_seed(9))
+    ours = CheferRelevance(model).attribute(audio, target=1, output="token", token_index=0)
+    maps, grads = hf_eager_attentions(model, lambda out: out.logits[:, 1], input_values=audio)
+    assert_close(ours, read_rows(relevance_matrix(maps, grads), one_hot_rows([0, 0], 15)))
+
+
+class AttentionPoolModel(nn.Module):
+    """One attention layer, then an attention-pooling head: a softmax over the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.score = nn.Linear(16, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        x = self.layer(self.embed(ids))
+        weights = torch.softmax(self.score(x), dim=1)  # (B, N, 1)
+        return self.head((weights * x).sum(1))
+
+
+def test_attention_pooling_is_refused_and_the_named_fixes_work():
+    from captum.attr import LayerIntegratedGradients
+
+    model = AttentionPoolModel().eval()
+    ids = _ids(seed=10) % 50
+    with pytest.raises(ValueError, match=r"softmax over dim 1 of \(2, 7, 1\)") as error:
+        CheferRelevance(model).attribute(ids, target=1)
+    message = str(error.value)
+    assert "AttnLRP(model)" in message and "LayerIntegratedGradients" in message
+    relevance = AttnLRP(model).attribute(ids, target=1, output="token", layer=model.embed)
+    assert relevance.shape == (2, 7) and bool(torch.isfinite(relevance).all())
+    integrated = LayerIntegratedGradients(model, model.embed)
+    maps, delta = integrated.attribute(ids, target=1, return_convergence_delta=True, n_steps=64)
+    # Completeness, against an independent quantity: the attributions sum to f(x) - f(baseline).
+    with torch.no_grad():
+        gap = model(ids)[:, 1] - model(torch.zeros_like(ids))[:, 1]
+    assert torch.allclose(maps.sum((1, 2)), gap, atol=1e-2)
+    _no_capture_left()
+
+
+def test_a_softmax_off_the_explained_path_is_not_refused():
+    model = AttentionPoolModel().eval()
+    ids = _ids(seed=10) % 50
+
+    def forward(ids):  # the pooled branch is computed but not explained
+        x = model.layer(model.embed(ids))
+        torch.softmax(model.score(x), dim=1)
+        return model.head(x[:, 0])
+
+    row = CheferRelevance(forward, model).attribute(ids, target=1, output="token")
+    assert row.shape == (2, 7) and bool(torch.isfinite(row).all())
+
+
+def test_hf_hybrid_with_short_convolutions_is_refused_and_attnlrp_explains_it():
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Lfm2Config(
+        vocab_size=60,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        layer_types=["full_attention", "conv"],
+        max_position_embeddings=32,
+    )
+    model = Lfm2ForCausalLM(config).eval()
+    ids = _ids(size=6, seed=11) % 60
+
+    def forward(ids):
+        return model(ids).logits[:, -1]
+
+    with pytest.raises(ValueError, match=r"conv1d with kernel \(3,\) in model\.layers\.1\.conv "):
+        CheferRelevance(forward, model).attribute(ids, target=1)
+    relevance = AttnLRP(forward, model).attribute(ids, target=1, output="token")
+    assert relevance.shape == (2, 6) and bool(torch.isfinite(relevance).all())
+    assert bool((relevance != 0).any())
+
+
+def test_attention_in_a_layout_it_cannot_read_is_named_when_nothing_else_is_captured():
+    class ColumnSoftmax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(50, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            x = self.embed(ids)  # attention normalised over the queries: (B, 1, N, N), dim 2
+            attn = torch.softmax((x @ x.transpose(-1, -2)).unsqueeze(1), dim=2)
+            return self.head((attn.squeeze(1) @ x)[:, 0])
+
+    with pytest.raises(ValueError, match=r"softmax over dim 2 of \(2, 1, 7, 7\)"):
+        CheferRelevance(ColumnSoftmax().eval()).attribute(_ids(seed=12) % 50, target=1)

@@ -20,6 +20,7 @@ from ..capture import (
     Dependencies,
     Recorder,
     capture_attention,
+    check_token_mixing,
     module_scope,
     warn_if_training,
 )
@@ -34,14 +35,6 @@ NOTHING_CAPTURED = (
     "captum_chefer.mark_attention(). {hint}"
 )
 
-UNREAD = (
-    "The model computes softmaxes that look like attention in a layout captum_chefer cannot "
-    "read: {shapes} (a softmax over another dimension than the keys, or over more than four "
-    "dimensions). Those layers would be missing from the map, so it is refused. If you can "
-    "edit the attention code, pass the probabilities as "
-    "(B, H, Nq, Nk) to captum_chefer.mark_attention(); otherwise explain the model with a "
-    "gradient method, e.g. captum.attr.IntegratedGradients."
-)
 NOT_ON_PATH = (
     "The selected output does not depend on any captured attention call; check that "
     "forward_func runs the model, and that its output is not detached from it."
@@ -98,9 +91,8 @@ def trace_attention(
             stack.enter_context(capture_attention(model, recorder))
             output = as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
         warn_if_training(model, recorder, stacklevel=4)
-        if recorder.unread:
-            raise RuntimeError(UNREAD.format(shapes=sorted(set(recorder.unread.values()))))
         if not recorder.records:
+            check_token_mixing(recorder, model)  # names softmaxes it could not read, if any
             raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
         target = default_target(output, target)
         selected = select_one_per_example(output, target)
@@ -112,6 +104,7 @@ def trace_attention(
         records = recorder.records
         trace = Trace(output.detach(), target, records, dependencies)
         before_backward(trace)
+        check_token_mixing(recorder, model)
         anchors = list(recorder.anchors.values())
         torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
     return trace

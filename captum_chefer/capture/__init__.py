@@ -22,7 +22,7 @@ from .mode import AttentionMode, warn_if_training
 from .modules import module_scope
 from .patches import scoped_method
 from .protocol import mark_attention
-from .recorder import CallRecord, Recorder, active_recorder, recording
+from .recorder import CallRecord, Recorder, active_recorder, check_token_mixing, recording
 
 
 @contextmanager
@@ -50,6 +50,7 @@ __all__ = [
     "Recorder",
     "active_recorder",
     "capture_attention",
+    "check_token_mixing",
     "mark_attention",
     "module_scope",
     "scoped_method",

@@ -89,5 +89,55 @@ def dependencies(output: Tensor, nodes: Sequence[Node | None]) -> Dependencies:
     )
 
 
+def mixing_outside_attention(found: Dependencies, n_calls: int) -> frozenset[int]:
+    """Of the nodes ``n_calls`` on (token-mixing operations, after the attention calls ``0 ..
+    n_calls - 1``), the indexes of those on the path that lie below no first attention layer.
+
+    A first layer is a call on the path that depends on no other call. What lies below one
+    takes part in making its tokens (a patch or positional convolution); everything else on the
+    path mixes tokens after, or beside, the first layer.
+
+    Example:
+        >>> below = {0: frozenset({2}), 1: frozenset({0, 2}), 2: frozenset(), 3: frozenset({0})}
+        >>> sorted(mixing_outside_attention(Dependencies((0, 1, 2, 3), below), 2))
+        [3]
+    """
+    calls = [i for i in found.on_path if i < n_calls]
+    first = [i for i in calls if not any(j < n_calls for j in found.below[i])]
+    making = frozenset().union(*(found.below[i] for i in first))
+    return frozenset(i for i in found.on_path if i >= n_calls and i not in making)
+
+
+def reached_past_scores(output: Tensor, attention: dict[Node, tuple[int, ...]]) -> set[Node]:
+    """The nodes ``output`` reaches along paths that carry token content, not attention scores.
+
+    ``attention`` maps each captured call's node to the positions of its inputs that carry
+    content (the values of a kernel call; none for probabilities, whose inputs are the scores).
+    Mixing that only shapes the scores (a convolution on the keys) changes ``A``, which the rule
+    reads as it is; mixing on these paths moves content from token to token.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> scores = x * 2
+        >>> probs = scores.softmax(0)
+        >>> reached = reached_past_scores((probs * x).sum(), {probs.grad_fn: ()})
+        >>> scores.grad_fn in reached, probs.grad_fn in reached
+        (False, True)
+    """
+    seen: set[Node] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        children = node.next_functions
+        if node in attention:
+            children = tuple(children[i] for i in attention[node] if i < len(children))
+        stack.extend(child for child, _ in children)
+    return seen
+
+
 def _bits(mask: int) -> frozenset[int]:
     return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)

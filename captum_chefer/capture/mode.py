@@ -16,15 +16,19 @@ in any module is replaced. The model runs as it was loaded:
   asked for are recomputed from the same query and key);
 - a softmax over ``N + 1`` keys whose last column the model then drops (an attention *sink*,
   as in GPT-OSS) is captured at the slice: the probabilities applied to the values;
-- active dropout is noted, so that the attribution can warn that the map is random.
+- active dropout is noted, so that the attribution can warn that the map is random;
+- operations that mix tokens outside attention are noted (see :func:`token_mixing`), so that
+  the attribution can refuse where Chefer's rule, which propagates relevance through attention
+  only, would silently leave them out.
 
 A softmax over the last dimension of a 3-D ``(B*H, N, N)`` tensor is attention with its heads
 folded into the batch (older Hugging Face code): it is captured too, and split into ``(B, H, N,
 N)`` (batch-major, as ``view(B * H, N, N)`` folds them) once the explained batch is known.
 Softmaxes over 2-D tensors (a router's ``(tokens, experts)``, a classifier's output) pass
 through untouched. Softmaxes that look like attention in a layout the capture cannot read (a
-non-last dimension, five dimensions) are noted as *unread*, so that the attribution refuses
-rather than silently missing their layers.
+non-last dimension, five dimensions; an attention-pooling head's ``(B, N, 1)`` over the tokens)
+are noted with the token-mixing operations, so that the attribution refuses rather than
+silently missing them where the explained output depends on them.
 """
 
 from __future__ import annotations
@@ -85,7 +89,13 @@ class AttentionMode(TorchFunctionMode):
             self._note_dropout(args, kwargs)
         if func is Tensor.__getitem__ and self._sinks and id(args[0]) in self._sinks:
             return self._without_sink(func, args, kwargs)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if func in _MIXING:
+            mixing = token_mixing(func, args, kwargs)
+            output = result[0] if isinstance(result, tuple) else result
+            if mixing is not None and isinstance(output, Tensor) and output.grad_fn is not None:
+                self.recorder.note_mixing(mixing[0], output, mixing[1])
+        return result
 
     def _softmax(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         probs = func(*args, **kwargs)
@@ -103,7 +113,8 @@ class AttentionMode(TorchFunctionMode):
         if probs.dim() == 3 and last and square:
             return self.recorder.probabilities(probs.unsqueeze(1), folded=True).squeeze(1)
         if probs.dim() > 4 or not last or square:
-            self.recorder.unread[id(probs)] = f"{tuple(probs.shape)} over dim {dim}"
+            description = f"softmax over dim {dim} of {tuple(probs.shape)}"
+            self.recorder.note_mixing(description, probs, None, unread=True)
         return probs
 
     def _without_sink(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -125,6 +136,71 @@ class AttentionMode(TorchFunctionMode):
         training = kwargs.get("training", args[2] if len(args) > 2 else True)
         if training and p > 0:
             self.recorder.dropout_active = True
+
+
+_CONVOLUTIONS = {
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+}
+_CUMULATIVE = {
+    op
+    for name in ("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin")
+    for op in (getattr(torch, name), getattr(Tensor, name))
+}
+_FFT = {
+    getattr(torch.fft, name)
+    for name in torch.fft.__all__
+    if "fft" in name and "freq" not in name and "shift" not in name
+}
+_RECURRENT = {torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu}
+_MIXING = _CONVOLUTIONS | _CUMULATIVE | _FFT | _RECURRENT | {F.unfold}
+
+
+def token_mixing(
+    func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
+) -> tuple[str, int | None] | None:
+    """How ``func(*args, **kwargs)`` mixes positions of its input, or None where it does not.
+
+    Returns a description and, for a convolution, the batch size of its input (a convolution
+    over a per-token axis, with the tokens folded into the batch, is not token mixing; the
+    caller compares it with the explained batch). The operations that mix positions along an
+    axis are: a convolution (or ``unfold``) whose kernel spans more than one position, a
+    cumulative sum, product or scan, an FFT, and a recurrent layer (LSTM, GRU, RNN).
+    A kernel of size 1 (a position-wise linear map, as in SqueezeBERT) does not mix.
+
+    Example:
+        >>> weight = torch.ones(4, 1, 3)
+        >>> token_mixing(F.conv1d, (torch.ones(2, 4, 7), weight), {"groups": 4})
+        ('conv1d with kernel (3,)', 2)
+        >>> token_mixing(F.conv1d, (torch.ones(2, 4, 7), torch.ones(8, 4, 1)), {}) is None
+        True
+    """
+    name = getattr(func, "__name__", str(func))
+    if func in _CONVOLUTIONS:
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        kernel = tuple(weight.shape[2:])
+        if max(kernel, default=1) <= 1:
+            return None
+        return f"{name} with kernel {kernel}", args[0].shape[0]
+    if func is F.unfold:
+        size = args[1] if len(args) > 1 else kwargs["kernel_size"]
+        kernel = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if max(kernel) <= 1:
+            return None
+        return f"unfold with kernel {kernel}", args[0].shape[0]
+    tensor = args[0] if args else None
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        return None
+    if func in _CUMULATIVE:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        if tensor.dim() == 0 or tensor.shape[dim] <= 1:
+            return None
+        return name, None
+    return name, None
 
 
 def captured_sdpa(recorder: Recorder, *args: Any, **kwargs: Any) -> Tensor:

@@ -18,11 +18,15 @@ one anchor per device, so no layer is cut off.
 
 After the forward, :meth:`Recorder.keep_on_path` checks which calls the explained output
 depends on (see :mod:`~captum_chefer.capture.graph`) and keeps only those, renumbered in
-forward order: a call the output does not depend on has ``dA = 0`` and adds nothing.
+forward order: a call the output does not depend on has ``dA = 0`` and adds nothing. The same
+pass finds the token-mixing operations outside attention (a convolution over the tokens, a
+scan, an FFT, a recurrence) that the explained output depends on: :func:`check_token_mixing`
+refuses a relevance that propagates through attention only where they would be left out.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,11 +34,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.attention import AttentionCall, attention_backward, block_rows_for
 from ..core.readers import Reader
-from .graph import Dependencies, dependencies
+from .graph import Dependencies, dependencies, mixing_outside_attention, reached_past_scores
+
+
+@dataclass
+class MixingRecord:
+    """An operation outside attention that mixes tokens, seen during the forward pass."""
+
+    description: str
+    """What it is, e.g. ``"conv1d with kernel (4,)"``."""
+    owner: nn.Module | None
+    """The innermost module whose forward was running when it was called."""
+    node: Any
+    """The autograd node of its output."""
+    batch: int | None = None
+    """The batch size of a convolution's input: with tokens folded into the batch (another
+    size than the explained output's), it runs over a per-token axis and does not mix."""
+    unread: bool = False
+    """A softmax that looks like attention in a layout the capture cannot read (over another
+    dimension than the last, or five dimensions), e.g. an attention-pooling head."""
 
 
 @dataclass
@@ -56,6 +78,8 @@ class CallRecord:
     """Explicit probabilities ``(B*H, 1, N, N)`` whose heads are folded into the batch."""
     superseded: bool = False
     """Replaced by a later record of the same attention (a sink softmax and its slice)."""
+    owner: nn.Module | None = None
+    """The innermost module whose forward was running when the call was made."""
 
     def unfold_heads(self, batch: int) -> None:
         """Read folded ``(B*H, 1, N, N)`` probabilities as ``(B, H, N, N)`` (batch-major)."""
@@ -84,8 +108,13 @@ class Recorder:
     """Names of the modules running now, outermost first (see ``module_scope``)."""
     dropout_active: bool = False
     """Whether the forward applied dropout (training mode): the relevance is then random."""
-    unread: dict[int, str] = field(default_factory=dict)
-    """Softmaxes that look like attention in a layout the capture cannot read, described."""
+    mixing: list[MixingRecord] = field(default_factory=list)
+    """Operations that mix tokens outside attention, in forward order."""
+    mixing_on_path: list[tuple[MixingRecord, bool]] = field(default_factory=list)
+    """After :meth:`keep_on_path`: those the output depends on, each with whether it lies below
+    a first attention layer (it then takes part in making the tokens)."""
+    batch: int | None = None
+    """After :meth:`keep_on_path`: the explained batch size."""
     _outputs: dict[int, Tensor] = field(default_factory=dict)
     _by_output: dict[int, CallRecord] = field(default_factory=dict)
 
@@ -97,8 +126,16 @@ class Recorder:
 
     def _new_record(self, shape: tuple[int, int, int, int]) -> CallRecord:
         record = CallRecord(len(self.records), shape, module=self.scope[-1] if self.scope else None)
+        record.owner = running_module()
         self.records.append(record)
         return record
+
+    def note_mixing(
+        self, description: str, output: Tensor, batch: int | None, unread: bool = False
+    ) -> None:
+        """Note an operation outside attention that mixes tokens, whose output is ``output``."""
+        record = MixingRecord(description, running_module(), output.grad_fn, batch, unread)
+        self.mixing.append(record)
 
     def _keep(self, record: CallRecord, output: Tensor) -> Tensor:
         record.node = output.grad_fn
@@ -124,9 +161,27 @@ class Recorder:
 
         Returns the dependencies in the new numbering.
         """
+        self.batch = output.shape[0] if output.dim() else 1
         for record in self.records:
-            record.unfold_heads(output.shape[0] if output.dim() else 1)
-        found = dependencies(output, [record.node for record in self.records])
+            record.unfold_heads(self.batch)
+        n_calls = len(self.records)
+        nodes = [record.node for record in self.records] + [op.node for op in self.mixing]
+        every = dependencies(output, nodes)
+        outside = mixing_outside_attention(every, n_calls)
+        if outside:  # only what moves content from token to token, not what shapes the scores
+            content: dict[Any, tuple[int, ...]] = {
+                r.node: _CONTENT_INPUTS if r.call else () for r in self.records
+            }
+            reached = reached_past_scores(output, content)
+            outside = frozenset(i for i in outside if nodes[i] in reached)
+        self.mixing_on_path = [
+            (self.mixing[i - n_calls], i not in outside) for i in every.on_path if i >= n_calls
+        ]
+        self.mixing.clear()
+        calls = tuple(i for i in every.on_path if i < n_calls)
+        found = Dependencies(
+            calls, {i: frozenset(j for j in every.below[i] if j < n_calls) for i in calls}
+        )
         renumber = {old: new for new, old in enumerate(found.on_path)}
         kept = [self.records[old] for old in found.on_path]
         for record in kept:
@@ -210,6 +265,10 @@ class Recorder:
         self.reader.end_layer(record.index)
 
 
+_CONTENT_INPUTS = (3,)
+"""The value among the tensor inputs of :class:`_CapturedKernel` (anchor, query, key, value)."""
+
+
 class _CapturedKernel(torch.autograd.Function):
     """The model's own kernel forward; an exact block-wise backward that feeds a reader."""
 
@@ -242,6 +301,125 @@ class _CapturedProbs(torch.autograd.Function):
         ctx.recorder.backward_probs(ctx.record, grad_probs)
         ctx.record.probs = None
         return None, None, None, grad_probs
+
+
+def running_module() -> nn.Module | None:
+    """The innermost module whose ``forward`` (or ``__call__``) is on the caller's stack.
+
+    Read off the Python frames (a ``self`` that is a module), so nothing is hooked on the
+    model; about a microsecond per call.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module):
+                return owner
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
+    """Refuse, naming the operation, where the explained output depends on tokens being mixed
+    outside attention and the relevance would be carried through attention only; and, where no
+    attention was captured, name the softmaxes that could not be read as attention.
+
+    Chefer's rule (and rollout) propagate relevance through the attention maps and the
+    identity of the residual: a convolution over the tokens, a scan (Mamba, gated delta-net
+    linear attention), an FFT or a recurrence between or after the attention layers would be
+    silently left out of the map. Not refused:
+
+    - mixing that makes the tokens: it lies below a first attention layer and outside the
+      model's layer stack (an ``nn.ModuleList`` holding attention), as ViT's patch
+      convolution, Whisper's convolution stem and wav2vec2's positional convolution do. The
+      rule explains the tokens that enter the first layer, and these operations define them;
+    - mixing that only shapes the attention scores (a convolution on the keys): it changes
+      ``A``, which the rule reads as it is;
+    - a kernel of size 1, or a convolution over a per-token axis with the tokens folded into
+      the batch;
+    - a reader that reads one layer only (``propagates_through_layers`` False: raw
+      attention, attention Grad-CAM), whose map makes no claim about the other layers.
+    """
+    names = {id(module): name for name, module in model.named_modules()} if model else {}
+    if not recorder.records and any(op.unread for op in recorder.mixing):
+        softmaxes = [op for op in recorder.mixing if op.unread]
+        raise ValueError(NOTHING_READ.format(ops=_describe(softmaxes, names)))
+    reader = recorder.reader
+    if not recorder.mixing_on_path or (reader and not reader.propagates_through_layers):
+        return
+    stacks = _attention_stacks(model, recorder.records, names)
+    found = [
+        op
+        for op, makes_tokens in recorder.mixing_on_path
+        if op.batch in (None, recorder.batch)
+        and not (makes_tokens and not _inside(names.get(id(op.owner)), stacks))
+    ]
+    if found:
+        hint = UNREAD if any(op.unread for op in found) else ""
+        raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names), unread=hint))
+
+
+TOKEN_MIXING = (
+    "token mixing outside attention ({ops}): the explained output depends on tokens mixed by "
+    "operations other than the captured attention between or after its attention layers (a "
+    "convolution over the tokens, a state-space or linear-attention scan, an FFT, a recurrence, "
+    "an attention-pooling head). Chefer's rule "
+    "and rollout propagate relevance through attention only, so the map would silently leave "
+    "this mixing out; it is refused. Explain the model with a method that goes through every "
+    "operation: captum_chefer.AttnLRP(model) (or CPLRP), e.g. "
+    "AttnLRP(model).attribute(input_ids, target=...) (layer= the token layer where the "
+    "model has no get_input_embeddings()), or "
+    "captum.attr.LayerIntegratedGradients on the embedding layer. RawAttention and "
+    "AttentionGradCAM, which read one layer, are not refused.{unread}"
+)
+NOTHING_READ = (
+    "No attention could be read: the model's softmaxes are in layouts captum_chefer cannot "
+    "read as attention ({ops}: over another dimension than the last, or over five dimensions). "
+    "If one is self-attention and you can edit its code, pass its probabilities as "
+    "(B, H, N, N) to captum_chefer.mark_attention(); otherwise explain the model with a method "
+    "that goes through every operation: captum_chefer.AttnLRP(model) (or CPLRP), or "
+    "captum.attr.LayerIntegratedGradients on the embedding layer."
+)
+UNREAD = (
+    " A softmax over another dimension than the last (an attention-pooling head's (B, N, 1) "
+    "over the tokens, or attention laid out otherwise) is not read as attention; if it is "
+    "self-attention in another layout and you can edit its code, pass its probabilities as "
+    "(B, H, N, N) to captum_chefer.mark_attention()."
+)
+
+
+def _attention_stacks(
+    model: nn.Module | None, records: list[CallRecord], names: dict[int, str]
+) -> list[str]:
+    """Names of the ``nn.ModuleList``s of ``model`` that hold a captured attention call."""
+    if model is None:
+        return []
+    owners = {names.get(id(record.owner)) for record in records} - {None}
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    return [name for name in lists if any(_inside(owner, [name]) for owner in owners)]
+
+
+def _inside(name: str | None, containers: list[str]) -> bool:
+    if name is None:
+        return False
+    return any(not container or name.startswith(container + ".") for container in containers)
+
+
+def _describe(found: list[MixingRecord], names: dict[int, str]) -> str:
+    """The operations by module, in forward order, e.g. ``conv1d with kernel (4,), cumsum in
+    model.layers.0.mamba (MambaMixer)``; the first three modules."""
+    by_module: dict[str, list[str]] = {}
+    for op in found:
+        name = names.get(id(op.owner)) if op.owner is not None else None
+        kind = type(op.owner).__name__ if op.owner is not None else ""
+        where = f"{name} ({kind})" if name else kind or "the forward"
+        by_module.setdefault(where, [])
+        if op.description not in by_module[where]:
+            by_module[where].append(op.description)
+    parts = [f"{', '.join(ops)} in {where}" for where, ops in by_module.items()]
+    more = f"; and {len(parts) - 3} more modules" if len(parts) > 3 else ""
+    return "; ".join(parts[:3]) + more
 
 
 _ACTIVE = threading.local()

@@ -84,10 +84,13 @@ class _BaselineReader:
     key_prefix_blocks: ClassVar[bool] = False
     identity_row: ClassVar[bool] = False
     multi_stream: ClassVar[bool] = False
+    propagates_through_layers: ClassVar[bool] = True
 
 
 class _LastLayerReader(_BaselineReader):
     """Reads the rows of the last attention layer; earlier layers are ignored."""
+
+    propagates_through_layers: ClassVar[bool] = False  # token mixing elsewhere is not its claim
 
     def prepare(self, setup: ReadSetup) -> None:
         self._setup = setup

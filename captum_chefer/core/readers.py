@@ -111,12 +111,16 @@ class Reader(Protocol):
             exactly the identity's share) is defined.
         multi_stream: the reader follows several streams (:class:`StreamLayout`); otherwise
             every call must be self-attention over one sequence.
+        propagates_through_layers: the row is carried through every layer (Chefer's rule,
+            rollout), so token mixing outside attention would be missing from it and is
+            refused; False for readers of one layer (raw attention, attention Grad-CAM).
     """
 
     start_layer: int
     key_prefix_blocks: ClassVar[bool]
     identity_row: ClassVar[bool]
     multi_stream: ClassVar[bool]
+    propagates_through_layers: ClassVar[bool]
 
     def prepare(self, setup: ReadSetup) -> None:
         """Called once after the forward pass, before any layer arrives."""
@@ -193,6 +197,7 @@ class AbarStore:
     """
 
     key_prefix_blocks: ClassVar[bool] = False
+    propagates_through_layers: ClassVar[bool] = True
 
     def __init__(self, start_layer: int = 0) -> None:
         self.start_layer = start_layer
@@ -247,6 +252,7 @@ class CheferRowReader:
     key_prefix_blocks: ClassVar[bool] = True
     identity_row: ClassVar[bool] = True
     multi_stream: ClassVar[bool] = False
+    propagates_through_layers: ClassVar[bool] = True
 
     def __init__(self, start_layer: int = 0) -> None:
         self.start_layer = start_layer
