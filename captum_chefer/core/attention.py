@@ -31,10 +31,11 @@ may be kept.
 DEFAULT_BLOCK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
 """Memory for one recomputed float32 block ``(B, H, rows, Nk)`` when none is given, by device
 type. On a CPU every operation on a block is split across threads that meet at a barrier, so
-each block costs a wait whenever another process holds a core: 16 MiB is the size at which
-MiniLM-512 was fastest quiet (1.06x the input gradient, against 1.19x at 4 MiB and 1.44x at
-64 MiB) and which stays close to the best under load (``benchmarks/ratios.py``). Large blocks
-keep a GPU busy. Three buffers of this size are the engine's memory above the model's."""
+each block costs a wait whenever another process holds a core, while a block larger than the
+caches costs memory traffic: of 4 to 64 MiB, 16 MiB was the fastest for MiniLM-512 and for a
+causal Llama at 4096 tokens on a quiet 2-core CPU, and stayed near the best under load, where
+4 MiB was 2-3x slower (``benchmarks/ratios.py``). Large blocks keep a GPU busy. Each call
+keeps three buffers of this size while it runs."""
 
 
 @dataclass(frozen=True)
