@@ -253,7 +253,7 @@ class _BlockLoop:
         self.scores, self.probs, self.d_probs = (torch.empty(size, device=device) for _ in range(3))
         self.need_input_grads = need_input_grads
         if need_input_grads:
-            self.d_query_blocks: list[Tensor] = []
+            self.d_query = torch.zeros_like(self.query)
             self.d_key = torch.zeros_like(self.key)
             self.d_value = torch.zeros_like(self.value)
 
@@ -297,14 +297,14 @@ class _BlockLoop:
         width = probs.shape[-1]
         d_scores3 = d_scores.reshape(-1, *d_scores.shape[2:])
         probs3 = probs.reshape(-1, *probs.shape[2:])
-        self.d_query_blocks.append(torch.bmm(d_scores3, self.key[:, :width]))
+        self.d_query[:, rows].baddbmm_(d_scores3, self.key[:, :width])
         self.d_key[:, :width].baddbmm_(d_scores3.transpose(1, 2), self.query[:, rows])
         self.d_value[:, :width].baddbmm_(probs3.transpose(1, 2), self.d_out[:, rows])
 
     def input_grads(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(dQ, dK, dV)`` in the inputs' shapes and dtypes, heads summed back to ``Hk``."""
         call, shape = self.call, (self.batch, self.heads, -1, self.key.shape[-1])
-        d_query = torch.cat(self.d_query_blocks, dim=1).mul_(call.scale).view(shape)
+        d_query = self.d_query.mul_(call.scale).view(shape)
         d_key = _reduce_heads(self.d_key.view(shape), call.key.shape[1])
         d_value = _reduce_heads(
             self.d_value.view(self.batch, self.heads, -1, self.value.shape[-1]),
