@@ -114,6 +114,7 @@ def test_rows_masked_everywhere_give_zero_blocks_and_finite_grads(kind):
     probs = torch.cat(blocks, dim=2)
     assert not probs.isnan().any() and (probs[:, :, 2] == 0).all()
     assert all(grad.isfinite().all() for grad in grads[:3])
+    assert_close(attention_probs(call), probs, rtol=1e-6)  # the same masking, one helper
 
 
 def _llama_case():

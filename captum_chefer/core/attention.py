@@ -135,18 +135,46 @@ def attention_probs(
     zeros rather than NaN. With ``differentiable`` the result can be back-propagated through
     (no step runs in place on a tensor autograd needs).
     """
-    keys = slice(None, width)
     query = call.query[:, :, rows].float() * call.scale
-    key = _expand_heads(call.key, call.query.shape[1])[:, :, keys].float()
+    key = _expand_heads(call.key, call.query.shape[1])[:, :, :width].float()
     scores = torch.matmul(query, key.transpose(-1, -2))
-    if call.mask is not None and call.mask.dtype != torch.bool:
-        scores += _mask_rows(call.mask, rows)[..., keys]
-    attendable = call.attendable(rows, hard_only=True)
-    if attendable is None:
-        return torch.softmax(scores, dim=-1)
-    scores.masked_fill_(~attendable[..., keys], float("-inf"))
+    mask_scores(scores, call, rows)
     probs = torch.softmax(scores, dim=-1)
+    if not may_have_empty_rows(call):
+        return probs
     return probs.nan_to_num(0.0) if differentiable else probs.nan_to_num_(0.0)
+
+
+def mask_scores(
+    scores: Tensor, call: AttentionCall, rows: slice, blocked: Tensor | None = None
+) -> None:
+    """Apply ``call``'s masks in place to the scores ``(B, H, r, w)`` of the query ``rows``.
+
+    A float mask is added; where a bool mask or the causal mask blocks, the score becomes
+    ``-inf``. ``blocked`` is the bool mask already inverted (the engine forms it once per call).
+    """
+    width = scores.shape[-1]
+    if call.mask is not None and call.mask.dtype == torch.bool:
+        block = _mask_rows(blocked if blocked is not None else call.mask, rows)[..., :width]
+        scores.masked_fill_(block if blocked is not None else block.logical_not(), float("-inf"))
+    elif call.mask is not None:
+        scores += _mask_rows(call.mask, rows)[..., :width]
+    if call.is_causal:
+        index = torch.arange(call.query.shape[-2], device=scores.device)[rows]
+        future = index[:, None] < torch.arange(width, device=scores.device)[None, :]
+        scores.masked_fill_(future, float("-inf"))
+
+
+def may_have_empty_rows(call: AttentionCall) -> bool:
+    """Whether some query row may be masked at every key (its softmax is then NaN, read as 0)."""
+    mask = call.mask
+    if mask is None:
+        return False
+    if call.is_causal:
+        return True
+    if mask.dtype == torch.bool:
+        return not bool(mask.any(-1).all())
+    return bool(torch.isneginf(mask).all(-1).any())
 
 
 def causal_width(call: AttentionCall, rows: slice) -> int | None:
@@ -243,11 +271,10 @@ class _BlockLoop:
         self.key = _expand_heads(call.key, heads).float().reshape(flat, self.n_key, -1)
         self.value = _expand_heads(call.value, heads).float().reshape(flat, self.n_key, -1)
         self.d_out = grad_output.float().reshape(flat, self.n_query, -1)
-        self.blocked = None  # True where a bool mask blocks, formed once
-        self.maybe_empty_rows = call.mask is not None  # rows whose every key is masked
-        if call.mask is not None and call.mask.dtype == torch.bool:
-            self.blocked = _as_4d(call.mask).logical_not()
-            self.maybe_empty_rows = call.is_causal or bool(self.blocked.all(-1).any())
+        mask = call.mask  # a bool mask is inverted once per call
+        bool_mask = mask is not None and mask.dtype == torch.bool
+        self.blocked = _as_4d(mask).logical_not() if mask is not None and bool_mask else None
+        self.maybe_empty_rows = may_have_empty_rows(call)
         size = flat * min(block_rows, self.n_query) * self.n_key
         device = call.query.device
         self.scores, self.probs, self.d_probs = (torch.empty(size, device=device) for _ in range(3))
@@ -265,7 +292,7 @@ class _BlockLoop:
         scores = self.scores[:count].view(shape3)
         torch.bmm(self.query[:, rows], self.key[:, :width].transpose(1, 2), out=scores)
         scores4 = scores.view(shape4)
-        self._mask(scores4, rows, width)
+        mask_scores(scores4, self.call, rows, self.blocked)
         probs = self.probs[:count].view(shape4)
         torch.softmax(scores4, dim=-1, out=probs)
         if self.maybe_empty_rows:
@@ -280,17 +307,6 @@ class _BlockLoop:
             d_probs4, probs, -1, torch.float32, grad_input=scores4
         )
         return probs, d_probs4, scores4
-
-    def _mask(self, scores: Tensor, rows: slice, width: int) -> None:
-        mask = self.call.mask
-        if self.blocked is not None:
-            scores.masked_fill_(_mask_rows(self.blocked, rows)[..., :width], float("-inf"))
-        elif mask is not None:
-            scores += _mask_rows(mask, rows)[..., :width]
-        if self.call.is_causal:
-            index = torch.arange(rows.start, rows.stop, device=scores.device)
-            future = index[:, None] < torch.arange(width, device=scores.device)[None, :]
-            scores.masked_fill_(future, float("-inf"))
 
     def accumulate(self, rows: slice, probs: Tensor, d_scores: Tensor) -> None:
         """Add one block's share to ``dQ``, ``dK`` and ``dV``."""
