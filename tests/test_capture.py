@@ -644,3 +644,111 @@ def test_attention_in_a_layout_it_cannot_read_is_named_when_nothing_else_is_capt
 
     with pytest.raises(ValueError, match=r"softmax over dim 2 of \(2, 1, 7, 7\)"):
         CheferRelevance(ColumnSoftmax().eval()).attribute(_ids(seed=12) % 50, target=1)
+
+
+class MixerLayers(nn.Module):
+    """A layer stack whose layers are softmax attention or another token mixer: linear
+    attention (``K^T V``, as ``matmul`` or ``einsum``), a time shift (``F.pad`` or
+    ``torch.roll``), or ``"none"`` (a per-token MLP, which mixes nothing). ``pool`` ends it
+    with a softmax over the tokens as (B, N) and a weighted sum; ``classes`` ends it with a
+    softmax over the classes (as many as tokens)."""
+
+    def __init__(self, kinds: tuple[str, ...], pool: bool = False, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.kinds = kinds
+        self.layers = nn.ModuleList([nn.Linear(16, 48) for _ in kinds])
+        self.score = nn.Linear(16, 1)
+        self.pool = pool
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for kind, layer in zip(self.kinds, self.layers):
+            q, k, v = layer(x).chunk(3, -1)
+            q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in (q, k, v))
+            if kind == "attention":
+                attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)
+                mixed = attn @ v
+            elif kind == "linear":
+                mixed = F.elu(q) @ (F.elu(k).transpose(-1, -2) @ v) / q.shape[2]
+            elif kind == "einsum":
+                state = torch.einsum("bhnd,bhne->bhde", F.elu(k), v)
+                mixed = torch.einsum("bhnd,bhde->bhne", F.elu(q), state) / q.shape[2]
+            elif kind == "pad":
+                mixed = F.pad(v, (0, 0, 1, -1))
+            elif kind == "roll":
+                mixed = torch.roll(v, 1, dims=2)
+            else:
+                mixed = torch.tanh(v)
+            x = x + mixed.transpose(1, 2).flatten(2)
+        if self.pool:
+            weights = torch.softmax(self.score(x).squeeze(-1), dim=-1)  # (B, N)
+            return self.head((weights[..., None] * x).sum(1))
+        return torch.softmax(self.head(x[:, 0]), -1)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "named"),
+    [
+        (
+            ("attention", "linear"),
+            r"matmul over an axis of size 7, matmul over an axis of size 8 in MixerLayers",
+        ),
+        (
+            ("linear", "attention"),
+            r"matmul over an axis of size 7, matmul over an axis of size 8 in MixerLayers",
+        ),
+        (("attention", "einsum"), r"einsum bhnd,bhne->bhde over an axis of size 7"),
+        (("attention", "pad"), r"pad shifting dim 2 by 1"),
+        (("attention", "roll"), r"roll over dim 2"),
+    ],
+)
+@pytest.mark.parametrize("given", [True, False], ids=["model given", "forward only"])
+def test_linear_attention_and_token_shifts_are_refused_by_name(kinds, named, given):
+    model = MixerLayers(kinds).eval()
+    ids = _ids(seed=12) % 50
+    explainer = CheferRelevance(model) if given else CheferRelevance(lambda ids: model(ids))
+    with pytest.raises(ValueError, match=r"token mixing outside attention \(" + named) as error:
+        explainer.attribute(ids, target=1)
+    assert "AttnLRP(model)" in str(error.value)
+    _no_capture_left()
+    relevance = AttnLRP(model).attribute(ids, target=1, output="token", layer=model.embed)
+    assert relevance.shape == (2, 7) and bool(torch.isfinite(relevance).all())
+    assert bool((relevance != 0).any())
+
+
+def test_attention_pooling_over_2d_scores_is_refused():
+    model = MixerLayers(("attention", "none"), pool=True).eval()
+    ids = _ids(seed=12) % 50
+    with pytest.raises(ValueError, match=r"softmax over dim -1 of \(2, 7\) in MixerLayers"):
+        CheferRelevance(model).attribute(ids, target=1)
+
+
+@pytest.mark.parametrize("classes", [3, 7], ids=["3 classes", "as many classes as tokens"])
+def test_softmax_attention_per_token_layers_and_a_class_softmax_are_explained_exactly(classes):
+    model = MixerLayers(("attention", "none", "attention"), classes=classes).eval()
+    ids = _ids(seed=12) % 50
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token")
+    keep: list[torch.Tensor] = []
+    original = torch.softmax
+
+    def softmax(scores, dim):
+        probs = original(scores, dim)
+        if probs.dim() == 4:
+            probs.retain_grad()
+            keep.append(probs)
+        return probs
+
+    reference = copy.deepcopy(model).double()
+    torch.softmax = softmax
+    try:
+        reference(ids)[:, 1].sum().backward()
+    finally:
+        torch.softmax = original
+    expected = read_rows(
+        relevance_matrix([a.detach() for a in keep], [a.grad for a in keep]),
+        one_hot_rows([0, 0], 7),
+    )
+    assert_close(ours, expected)

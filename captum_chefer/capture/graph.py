@@ -139,5 +139,39 @@ def reached_past_scores(output: Tensor, attention: dict[Node, tuple[int, ...]]) 
     return seen
 
 
+def scores_below(probs: Sequence[Node], products: set[Node], depth: int = 6) -> set[Node]:
+    """The ``products`` that make the scores of the softmaxes whose captured nodes are
+    ``probs``: those found within ``depth`` steps below one, not past another product.
+
+    A scores product ``Q K^T`` that the model also uses elsewhere (a sink's log-sum-exp over
+    the same scores, which scales the output) shapes the attention only; a product with no
+    softmax above it (linear attention) is not among these.
+
+    Example:
+        >>> import torch
+        >>> q = torch.ones(1, 2, 3, requires_grad=True)
+        >>> scores = q @ q.transpose(1, 2)
+        >>> probs = (scores * 0.5).softmax(-1)
+        >>> scores_below([probs.grad_fn], {scores.grad_fn}) == {scores.grad_fn}
+        True
+    """
+    found: set[Node] = set()
+    stack = [(node, 0) for node in probs]
+    seen: set[Node] = set()
+    while stack:
+        node, steps = stack.pop()
+        if node in seen or steps > depth:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child in products:
+                found.add(child)
+            else:
+                stack.append((child, steps + 1))
+    return found
+
+
 def _bits(mask: int) -> frozenset[int]:
     return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)

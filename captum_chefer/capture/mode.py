@@ -90,19 +90,35 @@ class AttentionMode(TorchFunctionMode):
         if func is Tensor.__getitem__ and self._sinks and id(args[0]) in self._sinks:
             return self._without_sink(func, args, kwargs)
         result = func(*args, **kwargs)
+        output = result[0] if isinstance(result, tuple) else result
+        if not isinstance(output, Tensor) or output.grad_fn is None:
+            return result
         if func in _MIXING:
             mixing = token_mixing(func, args, kwargs)
-            output = result[0] if isinstance(result, tuple) else result
-            if mixing is not None and isinstance(output, Tensor) and output.grad_fn is not None:
-                self.recorder.note_mixing(mixing[0], output, mixing[1])
+            if mixing is not None:
+                convolution = func in _CONVOLUTIONS or func is F.unfold
+                self.recorder.note_mixing(mixing[0], output, mixing[1], convolution=convolution)
+        elif func in _PRODUCTS:
+            product = content_product(func, args, self.recorder.captured_nodes())
+            if product is not None:
+                self.recorder.note_mixing(product[0], output, product[1], per_token=product[2])
+        elif func in _SHIFTS:
+            for description, size in token_shifts(func, args, kwargs):
+                self.recorder.note_mixing(description, output, None, tokens_at=size)
         return result
 
     def _softmax(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         probs = func(*args, **kwargs)
-        if not isinstance(probs, Tensor) or probs.dim() < 3:
+        if not isinstance(probs, Tensor) or probs.dim() < 2:
             return probs
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         last = dim in (-1, probs.dim() - 1)
+        if probs.dim() == 2:  # a router's (tokens, experts), classes, or pooling (B, N)
+            if last and probs.grad_fn is not None:
+                description = f"softmax over dim {dim} of {tuple(probs.shape)}"
+                batch, size = probs.shape
+                self.recorder.note_mixing(description, probs, batch, tokens_at=size)
+            return probs
         if probs.dim() == 4 and last and probs.shape[3] == probs.shape[2] + 1:
             captured = self.recorder.probabilities(probs)
             self._sinks[id(captured)] = captured  # a sink, if the model slices it off
@@ -201,6 +217,156 @@ def token_mixing(
             return None
         return name, None
     return name, None
+
+
+_PRODUCTS = {
+    torch.matmul,
+    Tensor.matmul,
+    Tensor.__matmul__,
+    Tensor.__rmatmul__,
+    torch.bmm,
+    Tensor.bmm,
+    torch.einsum,
+}
+_SHIFTS = {F.pad, torch.roll, Tensor.roll}
+
+
+def content_product(
+    func: Callable[..., Any], args: tuple, captured: set[Any]
+) -> tuple[str, int, tuple[int, ...]] | None:
+    """A batched product of two computed tensors that may mix tokens, or None.
+
+    Returns a description, the batch size (the first axis, which both operands share) and the
+    other batch sizes followed by the size summed over (see ``MixingRecord.per_token``). Linear
+    attention (``K^T V``, or scores ``Q K^T`` that no softmax normalises, applied to ``V``) and
+    a pooling weighted by the content are such products. Not such a product: one with a
+    weight (a parameter, or a view or slice of one: stacked experts), a 2-D operand, and the
+    application of captured attention probabilities to the values (``A V``).
+
+    Example:
+        >>> tokens = torch.randn(2, 4, 5, 8, requires_grad=True)
+        >>> keys, values = tokens.exp(), tokens.sin()
+        >>> content_product(torch.matmul, (keys.transpose(-1, -2), values), set())
+        ('matmul over an axis of size 5', 2, (4, 5))
+        >>> weight = nn.Parameter(torch.randn(3, 8, 8))
+        >>> content_product(torch.matmul, (values[0, :3], weight), set()) is None
+        True
+    """
+    if func is torch.einsum:
+        return _einsum_product(args, captured)
+    left, right = args[0], args[1] if len(args) > 1 else None
+    if func is Tensor.__rmatmul__:
+        left, right = right, left
+    operands = (left, right)
+    if not all(isinstance(t, Tensor) and t.dim() >= 3 and t.requires_grad for t in operands):
+        return None
+    if left.shape[0] != right.shape[0] or left.shape[-1] <= 1:
+        return None
+    if any(_origin(t, captured) != "content" for t in operands):
+        return None
+    batched = tuple(torch.broadcast_shapes(left.shape[1:-2], right.shape[1:-2]))
+    summed = left.shape[-1]
+    return f"matmul over an axis of size {summed}", left.shape[0], (*batched, summed)
+
+
+def _einsum_product(args: tuple, captured: set[Any]) -> tuple[str, int, tuple[int, ...]] | None:
+    equation, *operands = args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or len(operands) != 2 or "." in equation:
+        return None
+    if not all(isinstance(t, Tensor) and t.dim() >= 2 and t.requires_grad for t in operands):
+        return None
+    inputs, _, out = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    if len(terms) != 2 or any(len(term) != t.dim() for term, t in zip(terms, operands)):
+        return None
+    size = {letter: n for term, t in zip(terms, operands) for letter, n in zip(term, t.shape)}
+    if not out:
+        out = "".join(sorted(c for c in size if inputs.count(c) == 1))
+    summed = [c for c in size if c not in out and c in terms[0] and c in terms[1]]
+    shared = [c for c in out if c in terms[0] and c in terms[1]]
+    if not summed or not shared or terms[0][0] != terms[1][0] or terms[0][0] not in shared:
+        return None
+    if any(_origin(t, captured) != "content" for t in operands):
+        return None
+    total = 1
+    for letter in summed:
+        total *= size[letter]
+    batched = tuple(size[c] for c in shared[1:])
+    return f"einsum {equation} over an axis of size {total}", size[terms[0][0]], (*batched, total)
+
+
+_VIEWS = (
+    "View", "UnsafeView", "Reshape", "T", "Transpose", "Permute", "Select", "Index", "Slice",
+    "Expand", "Squeeze", "Unsqueeze", "Clone", "ToCopy", "Alias", "Unbind", "Split", "Chunk",
+)  # fmt: skip
+
+
+def _origin(tensor: Tensor, captured: set[Any], hops: int = 4) -> str:
+    """``"weight"`` for a parameter or a view, slice or cast of one; ``"attention"`` for
+    captured probabilities or what single-input steps make of them (dropout, a cast, a
+    reshape); ``"content"`` otherwise (what the model computed from its inputs)."""
+    node = tensor.grad_fn
+    if node is None:
+        return "weight"
+    weight = node
+    while (
+        weight is not None
+        and type(weight).__name__.rstrip("0123456789")[: -len("Backward")] in _VIEWS
+    ):
+        children = [child for child, _ in weight.next_functions if child is not None]
+        weight = children[0] if len(children) == 1 else None
+    if weight is not None and type(weight).__name__ == "AccumulateGrad":
+        return "weight"
+    for _ in range(hops):
+        if node in captured:
+            return "attention"
+        children = [child for child, _ in node.next_functions if child is not None]
+        if len(children) != 1:
+            break
+        node = children[0]
+    return "attention" if node in captured else "content"
+
+
+def token_shifts(
+    func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
+) -> list[tuple[str, int]]:
+    """The shifts of content along an axis that ``func`` makes, each with the axis's size.
+
+    A padding that adds positions on one side of an axis and crops as many on the other (the
+    time shift of RWKV-style token mixing), and a roll. Padding on both sides, or cropping,
+    moves nothing from one position to another.
+
+    Example:
+        >>> x = torch.ones(2, 7, 4)
+        >>> token_shifts(F.pad, (x, (0, 0, 1, -1)), {})
+        [('pad shifting dim 1 by 1', 7)]
+        >>> token_shifts(F.pad, (x, (0, 0, 0, 3)), {})
+        []
+    """
+    tensor = args[0] if args else kwargs.get("input")
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        return []
+    if func is F.pad:
+        pad = args[1] if len(args) > 1 else kwargs["pad"]
+        pairs = zip(pad[::2], pad[1::2])
+        return [
+            (f"pad shifting dim {tensor.dim() - 1 - i} by {before}", tensor.shape[-1 - i])
+            for i, (before, after) in enumerate(pairs)
+            if before * after < 0
+        ]
+    shifts = args[1] if len(args) > 1 else kwargs["shifts"]
+    dims = args[2] if len(args) > 2 else kwargs.get("dims")
+    if dims is None:
+        return [("roll over the flattened tensor", tensor.numel())]
+    shifts = shifts if isinstance(shifts, (tuple, list)) else (shifts,)
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return [
+        (f"roll over dim {dim % tensor.dim()}", tensor.shape[dim])
+        for shift, dim in zip(shifts, dims)
+        if shift and tensor.shape[dim] > 1
+    ]
 
 
 def captured_sdpa(recorder: Recorder, *args: Any, **kwargs: Any) -> Tensor:

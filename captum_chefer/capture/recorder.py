@@ -38,7 +38,13 @@ from torch import Tensor, nn
 
 from ..core.attention import AttentionCall, attention_backward, block_rows_for
 from ..core.readers import Reader
-from .graph import Dependencies, dependencies, mixing_outside_attention, reached_past_scores
+from .graph import (
+    Dependencies,
+    dependencies,
+    mixing_outside_attention,
+    reached_past_scores,
+    scores_below,
+)
 
 
 @dataclass
@@ -57,6 +63,37 @@ class MixingRecord:
     unread: bool = False
     """A softmax that looks like attention in a layout the capture cannot read (over another
     dimension than the last, or five dimensions), e.g. an attention-pooling head."""
+    tokens_at: int | None = None
+    """The size of the axis it mixes along, where that is token mixing only if the axis is the
+    tokens' (a ``(B, N)`` softmax, a shift by padding or rolling): compared with the captured
+    calls' token counts once they are known."""
+    convolution: bool = False
+    """A convolution (or ``unfold``): the one kind of mixing that may make the tokens (a patch,
+    positional or stem convolution) when it lies below the first attention layer."""
+    per_token: tuple[int, ...] = ()
+    """For a product of two computed tensors: its batch sizes after the first, and last the
+    size it sums over. A product over a feature axis, batched over the tokens, does not mix."""
+
+    def mixes(self, batch: int | None, tokens: set[int]) -> bool:
+        """Whether it mixes tokens, given the explained batch and the captured token counts.
+
+        Example:
+            >>> pooling = MixingRecord("softmax", None, None, batch=2, tokens_at=7)
+            >>> pooling.mixes(2, {7}), pooling.mixes(2, {9})
+            (True, False)
+            >>> per_token = MixingRecord("matmul", None, None, batch=2, per_token=(7, 16))
+            >>> per_token.mixes(2, {7}), per_token.mixes(2, {9})
+            (False, True)
+        """
+        if self.batch is not None and self.batch != batch:
+            return False
+        if self.tokens_at is not None and self.tokens_at not in tokens:
+            return False
+        if self.per_token:
+            *batched, summed = self.per_token
+            if summed not in tokens and any(size in tokens for size in batched):
+                return False
+        return True
 
 
 @dataclass
@@ -115,6 +152,9 @@ class Recorder:
     a first attention layer (it then takes part in making the tokens)."""
     batch: int | None = None
     """After :meth:`keep_on_path`: the explained batch size."""
+    root: nn.Module | None = None
+    """The outermost module running when the first call or mixing operation was seen: where
+    the layer stacks are looked for when the attribution was given no model."""
     _outputs: dict[int, Tensor] = field(default_factory=dict)
     _by_output: dict[int, CallRecord] = field(default_factory=dict)
 
@@ -127,15 +167,36 @@ class Recorder:
     def _new_record(self, shape: tuple[int, int, int, int]) -> CallRecord:
         record = CallRecord(len(self.records), shape, module=self.scope[-1] if self.scope else None)
         record.owner = running_module()
+        self._see_root()
         self.records.append(record)
         return record
 
     def note_mixing(
-        self, description: str, output: Tensor, batch: int | None, unread: bool = False
+        self,
+        description: str,
+        output: Tensor,
+        batch: int | None,
+        unread: bool = False,
+        tokens_at: int | None = None,
+        per_token: tuple[int, ...] = (),
+        convolution: bool = False,
     ) -> None:
-        """Note an operation outside attention that mixes tokens, whose output is ``output``."""
-        record = MixingRecord(description, running_module(), output.grad_fn, batch, unread)
+        """Note an operation outside attention that mixes tokens, whose output is ``output``
+        (the fields are :class:`MixingRecord`'s)."""
+        owner = running_module()
+        record = MixingRecord(
+            description, owner, output.grad_fn, batch, unread, tokens_at, convolution, per_token
+        )
         self.mixing.append(record)
+        self._see_root()
+
+    def _see_root(self) -> None:
+        if self.root is None:
+            self.root = outermost_module()
+
+    def captured_nodes(self) -> set[Any]:
+        """The autograd nodes of the calls captured so far."""
+        return {record.node for record in self.records}
 
     def _keep(self, record: CallRecord, output: Tensor) -> Tensor:
         record.node = output.grad_fn
@@ -168,15 +229,23 @@ class Recorder:
         nodes = [record.node for record in self.records] + [op.node for op in self.mixing]
         every = dependencies(output, nodes)
         outside = mixing_outside_attention(every, n_calls)
-        if outside:  # only what moves content from token to token, not what shapes the scores
+        mixing = [i for i in every.on_path if i >= n_calls]
+        if mixing:  # only what moves content from token to token, not what shapes the scores
             content: dict[Any, tuple[int, ...]] = {
                 r.node: _CONTENT_INPUTS if r.call else () for r in self.records
             }
             reached = reached_past_scores(output, content)
-            outside = frozenset(i for i in outside if nodes[i] in reached)
-        self.mixing_on_path = [
-            (self.mixing[i - n_calls], i not in outside) for i in every.on_path if i >= n_calls
-        ]
+            read_out = _read_out(output)
+            products = {op.node for op in self.mixing if op.per_token}
+            probs = [r.node for r in self.records if r.call is None]
+            reached -= scores_below(probs, products) if products and probs else set()
+            mixing = [
+                i
+                for i in mixing
+                if nodes[i] in reached
+                and not (self.mixing[i - n_calls].tokens_at and nodes[i] in read_out)
+            ]
+        self.mixing_on_path = [(self.mixing[i - n_calls], i not in outside) for i in mixing]
         self.mixing.clear()
         calls = tuple(i for i in every.on_path if i < n_calls)
         found = Dependencies(
@@ -320,6 +389,35 @@ def running_module() -> nn.Module | None:
     return None
 
 
+def _read_out(output: Tensor, hops: int = 3) -> set[Any]:
+    """The nodes just below ``output`` along single-input steps: where the explained value is
+    selected from a softmax over the classes, that softmax is not one over the tokens, even
+    with as many classes as tokens."""
+    found: set[Any] = set()
+    node = output.grad_fn
+    for _ in range(hops):
+        children = [child for child, _ in node.next_functions if child is not None] if node else []
+        if len(children) != 1:
+            break
+        node = children[0]
+        found.add(node)
+    return found
+
+
+def outermost_module() -> nn.Module | None:
+    """The outermost module whose ``forward`` (or ``__call__``) is on the caller's stack."""
+    found = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module):
+                found = owner
+        frame = frame.f_back  # type: ignore[assignment]
+    return found
+
+
 def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
     """Refuse, naming the operation, where the explained output depends on tokens being mixed
     outside attention and the relevance would be carried through attention only; and, where no
@@ -330,10 +428,11 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
     linear attention), an FFT or a recurrence between or after the attention layers would be
     silently left out of the map. Not refused:
 
-    - mixing that makes the tokens: it lies below a first attention layer and outside the
-      model's layer stack (an ``nn.ModuleList`` holding attention), as ViT's patch
+    - a convolution that makes the tokens: it lies below a first attention layer and outside
+      the model's layer stack (an ``nn.ModuleList`` holding attention), as ViT's patch
       convolution, Whisper's convolution stem and wav2vec2's positional convolution do. The
-      rule explains the tokens that enter the first layer, and these operations define them;
+      rule explains the tokens that enter the first layer, and these operations define them.
+      Other mixing there (a scan, linear attention, a shift) is a layer, and is refused;
     - mixing that only shapes the attention scores (a convolution on the keys): it changes
       ``A``, which the rule reads as it is;
     - a kernel of size 1, or a convolution over a per-token axis with the tokens folded into
@@ -341,19 +440,21 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
     - a reader that reads one layer only (``propagates_through_layers`` False: raw
       attention, attention Grad-CAM), whose map makes no claim about the other layers.
     """
+    model = model if model is not None else recorder.root
     names = {id(module): name for name, module in model.named_modules()} if model else {}
-    if not recorder.records and any(op.unread for op in recorder.mixing):
-        softmaxes = [op for op in recorder.mixing if op.unread]
+    softmaxes = [op for op in recorder.mixing if op.unread and op.tokens_at is None]
+    if not recorder.records and softmaxes:
         raise ValueError(NOTHING_READ.format(ops=_describe(softmaxes, names)))
     reader = recorder.reader
     if not recorder.mixing_on_path or (reader and not reader.propagates_through_layers):
         return
     stacks = _attention_stacks(model, recorder.records, names)
+    tokens = {size for record in recorder.records for size in record.shape[2:]}
     found = [
         op
         for op, makes_tokens in recorder.mixing_on_path
-        if op.batch in (None, recorder.batch)
-        and not (makes_tokens and not _inside(names.get(id(op.owner)), stacks))
+        if op.mixes(recorder.batch, tokens)
+        and not (makes_tokens and op.convolution and not _inside(names.get(id(op.owner)), stacks))
     ]
     if found:
         hint = UNREAD if any(op.unread for op in found) else ""
@@ -370,7 +471,8 @@ TOKEN_MIXING = (
     "operation: captum_chefer.AttnLRP(model) (or CPLRP), e.g. "
     "AttnLRP(model).attribute(input_ids, target=...) (layer= the token layer where the "
     "model has no get_input_embeddings()), or "
-    "captum.attr.LayerIntegratedGradients on the embedding layer. RawAttention and "
+    "captum.attr.LayerIntegratedGradients on the embedding layer (its internal_batch_size= "
+    "bounds the memory of a scan's reference kernels). RawAttention and "
     "AttentionGradCAM, which read one layer, are not refused.{unread}"
 )
 NOTHING_READ = (
