@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import warnings
 
 import models
 import pytest
@@ -752,3 +753,33 @@ def test_softmax_attention_per_token_layers_and_a_class_softmax_are_explained_ex
         one_hot_rows([0, 0], 7),
     )
     assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("kinds", [("attention", "none", "attention"), ("attention", "linear")])
+def test_nothing_of_an_attribution_outlives_it(kinds):
+    """A captured node's context refers to the recorder: no reference may lead back into the
+    graph, or the graph below the first layer and all it saved would leak, call after call
+    (and after a refusal)."""
+    import gc
+
+    model = MixerLayers(kinds).eval()
+    ids = _ids(seed=12) % 50
+
+    def alive() -> tuple[int, int]:
+        gc.collect()
+        objects = gc.get_objects()
+        warnings.simplefilter("ignore", FutureWarning)  # isinstance on deprecated torch objects
+        recorders = sum(isinstance(o, Recorder) for o in objects)
+        return recorders, sum(isinstance(o, torch.Tensor) for o in objects)
+
+    def attribute() -> None:
+        try:
+            CheferRelevance(model).attribute(ids, target=1)
+        except ValueError:
+            assert kinds[-1] == "linear"  # refused: token mixing
+
+    attribute()
+    before = alive()
+    for _ in range(3):
+        attribute()
+    assert alive() == before and before[0] == 0

@@ -84,29 +84,34 @@ def trace_attention(
     """
     check_context(inputs, additional_forward_args)
     recorder = Recorder(reader, block_bytes)
-    with torch.enable_grad():
-        with ExitStack() as stack:
-            if scope_modules:
-                stack.enter_context(module_scope(model, recorder))
-            stack.enter_context(capture_attention(model, recorder))
-            output = as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
-        warn_if_training(model, recorder, stacklevel=4)
-        if not recorder.records:
-            check_token_mixing(recorder, model)  # names softmaxes it could not read, if any
-            raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
-        target = default_target(output, target)
-        selected = select_one_per_example(output, target)
-        if not selected.requires_grad:
-            raise RuntimeError(NOT_ON_PATH)
-        dependencies = recorder.keep_on_path(selected)
-        if not recorder.records:
-            raise RuntimeError(NOT_ON_PATH)
-        records = recorder.records
-        trace = Trace(output.detach(), target, records, dependencies)
-        before_backward(trace)
-        check_token_mixing(recorder, model)
-        anchors = list(recorder.anchors.values())
-        torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
+    try:
+        with torch.enable_grad():
+            with ExitStack() as stack:
+                if scope_modules:
+                    stack.enter_context(module_scope(model, recorder))
+                stack.enter_context(capture_attention(model, recorder))
+                output = as_tensor(
+                    _run_forward(forward_func, inputs, None, additional_forward_args)
+                )
+            warn_if_training(model, recorder, stacklevel=4)
+            if not recorder.records:
+                check_token_mixing(recorder, model)  # names softmaxes it could not read, if any
+                raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
+            target = default_target(output, target)
+            selected = select_one_per_example(output, target)
+            if not selected.requires_grad:
+                raise RuntimeError(NOT_ON_PATH)
+            dependencies = recorder.keep_on_path(selected)
+            if not recorder.records:
+                raise RuntimeError(NOT_ON_PATH)
+            records = recorder.records
+            trace = Trace(output.detach(), target, records, dependencies)
+            before_backward(trace)
+            check_token_mixing(recorder, model)
+            anchors = list(recorder.anchors.values())
+            torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
+    finally:
+        recorder.release()  # no cycle through the graph keeps it alive
     return trace
 
 

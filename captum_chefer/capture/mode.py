@@ -257,8 +257,10 @@ def content_product(
     left, right = args[0], args[1] if len(args) > 1 else None
     if func is Tensor.__rmatmul__:
         left, right = right, left
+    if not (isinstance(left, Tensor) and isinstance(right, Tensor)):
+        return None
     operands = (left, right)
-    if not all(isinstance(t, Tensor) and t.dim() >= 3 and t.requires_grad for t in operands):
+    if not all(t.dim() >= 3 and t.requires_grad for t in operands):
         return None
     if left.shape[0] != right.shape[0] or left.shape[-1] <= 1:
         return None
@@ -310,7 +312,7 @@ def _origin(tensor: Tensor, captured: set[Any], hops: int = 4) -> str:
     node = tensor.grad_fn
     if node is None:
         return "weight"
-    weight = node
+    weight: Any = node
     while (
         weight is not None
         and type(weight).__name__.rstrip("0123456789")[: -len("Backward")] in _VIEWS

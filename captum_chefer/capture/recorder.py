@@ -157,6 +157,8 @@ class Recorder:
     the layer stacks are looked for when the attribution was given no model."""
     _outputs: dict[int, Tensor] = field(default_factory=dict)
     _by_output: dict[int, CallRecord] = field(default_factory=dict)
+    _made: list[CallRecord] = field(default_factory=list)
+    """Every record made, kept or not: :meth:`release` clears them all."""
 
     def anchor(self, device: torch.device) -> Tensor:
         """The gradient leaf of ``device``, made on first use."""
@@ -169,6 +171,7 @@ class Recorder:
         record.owner = running_module()
         self._see_root()
         self.records.append(record)
+        self._made.append(record)
         return record
 
     def note_mixing(
@@ -193,6 +196,23 @@ class Recorder:
     def _see_root(self) -> None:
         if self.root is None:
             self.root = outermost_module()
+
+    def release(self) -> None:
+        """Drop every reference into the autograd graph: the nodes, the captured inputs and
+        probabilities, the mixing operations' nodes.
+
+        Each captured node's context refers to this recorder, so a reference from here back
+        to a node is a cycle through C++ that Python's garbage collector cannot see: the graph
+        below the first attention layer (which the backward never runs) and everything it
+        saved would stay alive after the attribution. Called once the backward has run, or
+        the attribution has failed.
+        """
+        for record in self._made:
+            record.node = record.call = record.probs = None
+        for op in (*self.mixing, *(op for op, _ in self.mixing_on_path)):
+            op.node = None
+        self._outputs.clear()
+        self._by_output.clear()
 
     def captured_nodes(self) -> set[Any]:
         """The autograd nodes of the calls captured so far."""
