@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.functional import scaled_dot_product_attention as bound_sdpa
 
 from captum_chefer import (
+    CPLRP,
     AttentionGradCAM,
     AttentionRollout,
     AttnLRP,
@@ -783,3 +784,14 @@ def test_nothing_of_an_attribution_outlives_it(kinds):
     for _ in range(3):
         attribute()
     assert alive() == before and before[0] == 0
+
+
+@pytest.mark.parametrize("method", [AttnLRP, CPLRP])
+def test_lrp_explains_a_class_softmax_as_the_output(method):
+    """CP-LRP holds attention probabilities constant; a softmax over the classes is not
+    attention, and holding it constant left the output independent of the inputs."""
+    model = MixerLayers(("attention", "none", "attention")).eval()
+    ids = _ids(seed=12) % 50
+    relevance = method(model).attribute(ids, target=1, output="token", layer=model.embed)
+    assert relevance.shape == (2, 7) and bool(torch.isfinite(relevance).all())
+    assert bool((relevance != 0).all())

@@ -172,6 +172,8 @@ def _softmax(state: LRPState, func: Callable[..., Any], args: tuple, kwargs: dic
     out = func(*args, **kwargs)
     if not state.carried(args[0]):
         return out
+    if out.dim() < 3:  # a softmax over classes (or a router's over experts): not attention
+        return out
     state.attention_calls += 1
     return out.detach() if state.variant == "cplrp" else out
 
