@@ -795,3 +795,20 @@ def test_lrp_explains_a_class_softmax_as_the_output(method):
     relevance = method(model).attribute(ids, target=1, output="token", layer=model.embed)
     assert relevance.shape == (2, 7) and bool(torch.isfinite(relevance).all())
     assert bool((relevance != 0).all())
+
+
+def test_attention_computed_under_no_grad_is_left_out_without_a_crash():
+    """HRM-style: earlier cycles run under no_grad, so their softmaxes have no autograd node;
+    the scores check skips them, and the map is that of the layers with a gradient."""
+
+    class NoGradCycle(MixerLayers):
+        def forward(self, ids):
+            with torch.no_grad():
+                warm = super().forward(ids)
+            return super().forward(ids) + 0 * warm
+
+    model = NoGradCycle(("attention", "none", "attention")).eval()
+    ids = _ids(seed=12) % 50
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token")
+    plain = CheferRelevance(MixerLayers(("attention", "none", "attention")).eval())
+    assert_close(ours, plain.attribute(ids, target=1, output="token"))

@@ -257,7 +257,7 @@ class Recorder:
             reached = reached_past_scores(output, content)
             read_out = _read_out(output)
             products = {op.node for op in self.mixing if op.per_token}
-            probs = [r.node for r in self.records if r.call is None]
+            probs = [r.node for r in self.records if r.call is None and r.node is not None]
             reached -= scores_below(probs, products) if products and probs else set()
             mixing = [
                 i
