@@ -322,6 +322,19 @@ def reference_rows(kind: str, model, inputs: dict, read: list[int], target: int)
 
 
 def _reference_rows(kind, model, inputs, read, target, dtype) -> torch.Tensor:
+    try:
+        attentions = _returned_attentions(kind, model, inputs, target, dtype)
+    except (NotRun, RuntimeError) as error:
+        # The maps it returns are copies, or returning them fails: read the softmax outputs.
+        try:
+            attentions = _softmax_attentions(kind, model, inputs, target, dtype)
+        except NotRun as second:
+            raise NotRun(f"{error}; {second}") from error
+    return _relevance_rows(kind, attentions, read)
+
+
+def _returned_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
+    """The maps Hugging Face returns with ``output_attentions=True``, their gradients kept."""
     reference = _eager_copy(model).to(dtype)
     double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     output = reference(**double, output_attentions=True)
@@ -329,10 +342,53 @@ def _reference_rows(kind, model, inputs, read, target, dtype) -> torch.Tensor:
     if not attentions or any(a is None or a.dim() != 4 for a in attentions):
         raise NotRun("no attention maps returned at eager")
     for attention in attentions:
-        attention.retain_grad()
+        if attention.requires_grad:  # a map computed under no_grad has no gradient: zero
+            attention.retain_grad()
     select(kind, output)[:, target].sum().backward()
     if all(a.grad is None for a in attentions):
         raise NotRun("the attention maps it returns are copies, off the gradient path")
+    return list(attentions)
+
+
+def _softmax_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
+    """Every 4-D softmax over the last dimension in the eager copy's forward, in order, its
+    gradient kept: ``torch.softmax``, ``torch.nn.functional.softmax`` and ``Tensor.softmax``
+    wrapped for the one forward and backward (``nn.Softmax`` calls the functional one)."""
+    reference = _eager_copy(model).to(dtype)
+    double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    captured: list[torch.Tensor] = []
+    originals = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+
+    def keeping(original):
+        def softmax(input, *args, **kwargs):
+            output = original(input, *args, **kwargs)
+            dim = kwargs.get("dim", args[0] if args else None)
+            known = any(output is a for a in captured)  # F.softmax calls Tensor.softmax
+            if output.dim() == 4 and dim in (-1, 3) and not known:
+                if output.requires_grad:
+                    output.retain_grad()
+                captured.append(output)
+            return output
+
+        return softmax
+
+    torch.softmax = keeping(originals[0])
+    torch.nn.functional.softmax = keeping(originals[1])
+    torch.Tensor.softmax = keeping(originals[2])
+    try:
+        select(kind, reference(**double))[:, target].sum().backward()
+    finally:
+        torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax = originals
+    if not captured:
+        raise NotRun("no 4-D softmax in its forward")
+    if len({a.shape[-2:] for a in captured}) != 1:
+        raise NotRun("its softmax outputs are not all over the same tokens")
+    if all(a.grad is None for a in captured):
+        raise NotRun("no softmax output is on the gradient path")
+    return captured
+
+
+def _relevance_rows(kind, attentions, read) -> torch.Tensor:
     maps = [a.detach().double().nan_to_num(0.0) for a in attentions]
     grads = [
         a.grad.double().nan_to_num(0.0) if a.grad is not None else torch.zeros_like(m)
