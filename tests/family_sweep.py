@@ -63,6 +63,8 @@ TINY = {
     "v_head_dim": 8,
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
+    "index_head_dim": 8,
+    "index_n_heads": 2,
     "vocab_size": 99,
     "max_position_embeddings": 64,
     "n_positions": 64,
@@ -74,6 +76,7 @@ TINY = {
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
+    "n_shared_experts": 1,
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 16,
     "first_k_dense_replace": 1,
@@ -91,7 +94,16 @@ TINY = {
     "num_self_attention_heads": 4,
     "num_cross_attention_heads": 1,
 }
-NONE_SIZES = ("head_dim", "num_key_value_heads")
+NONE_SIZES = (
+    "head_dim",
+    "num_key_value_heads",
+    "vocab_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+)
 """Sizes a config may leave at None for the model to derive (some models then fail on it)."""
 _SWIN = {
     "image_size": 16,
@@ -112,6 +124,14 @@ QUIRKS = {
     "bamba": {"attn_layer_indices": [1]},  # the defaults have no attention layer
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "mamba2": {"expand": 1, "n_groups": 1},  # heads * head_dim must be hidden_size * expand
+    "qwen4_exp_text": {  # its default layers use the QSA indexer, whose sizes default to None
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 4,
+        "indexer_compress_ratio": 2,
+    },
+    "esm": {"pad_token_id": 1, "mask_token_id": 2},  # position ids need a padding id
     "swin": _SWIN,
     "swinv2": _SWIN,
     "donut-swin": _SWIN,
@@ -174,15 +194,71 @@ def hf_families() -> list[str]:
 
 
 def tiny_config(family: str):
-    """The family's default config with its sizes shrunk, dropout off."""
+    """The family's default config with its sizes shrunk, dropout off.
+
+    A size the config's validators reject is repaired: a key/value head count made equal to
+    the query heads, or any other size the error names set back to its default.
+    """
     from transformers import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[family]
     try:
-        config = config_class(**tiny_kwargs(config_class()))
+        default = config_class()
+    except Exception:  # noqa: BLE001 - a default its own validators reject: quirks first
+        default = None
+    try:
+        if default is None:
+            default = config_class(**QUIRKS.get(family, {}))
+        return config_class(**valid_kwargs(config_class, default, tiny_kwargs(default)))
     except Exception as error:  # noqa: BLE001 - any config error means "cannot shrink"
-        raise NotRun(f"config: {type(error).__name__}") from error
-    return config
+        message = " ".join(_message(error).split())
+        raise NotRun(f"config: {type(error).__name__}: {message[:100]}") from error
+
+
+def valid_kwargs(config_class, default, kwargs: dict) -> dict:
+    """``kwargs``, repaired until ``config_class`` accepts them (see :func:`tiny_config`)."""
+    for _ in range(6):
+        try:
+            config_class(**kwargs)
+            return kwargs
+        except Exception as error:  # noqa: BLE001
+            repaired = _repair(kwargs, default, error)
+            if repaired is None:
+                return kwargs
+            kwargs = repaired
+    return kwargs
+
+
+def _message(error: BaseException) -> str:
+    parts = [str(error)]
+    while error.__cause__ is not None:
+        error = error.__cause__
+        parts.append(str(error))
+    return " ".join(parts)
+
+
+def _repair(kwargs: dict, default, error: BaseException) -> dict | None:
+    """``kwargs`` with the first shrunk size the validator's message names repaired, or None."""
+    import re
+
+    message = _message(error)
+    quirks = QUIRKS.get(getattr(default, "model_type", ""), {})
+    named = sorted(
+        (match.start(), name)
+        for name in kwargs
+        if name not in quirks and (match := re.search(rf"\b{name}\b", message))
+    )
+    for _, name in named:
+        repaired = dict(kwargs)
+        heads = kwargs.get("num_attention_heads", _read(default, "num_attention_heads"))
+        if name == "num_key_value_heads" and isinstance(heads, int) and kwargs[name] != heads:
+            repaired[name] = heads  # no grouped-query attention
+        elif vars(default).get(name, kwargs[name]) != kwargs[name]:
+            repaired[name] = vars(default)[name]
+        else:
+            continue
+        return repaired
+    return None
 
 
 def tiny_kwargs(default) -> dict:
@@ -199,6 +275,16 @@ def tiny_kwargs(default) -> dict:
         unset = name in NONE_SIZES and name in vars(default) and _read(default, name) is None
         if settable and (isinstance(_read(default, name), int) or unset):
             kwargs[name] = value
+    hidden = _read(default, "hidden_size")
+    for name, value in vars(default).items():  # a size tied to the hidden size stays tied
+        tied = isinstance(value, int) and not isinstance(value, bool) and value == hidden
+        if (
+            tied
+            and name not in TINY
+            and ("size" in name or "dim" in name)
+            and "hidden_size" in kwargs
+        ):
+            kwargs[name] = kwargs["hidden_size"]
     if _read(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # latent attention
     layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
@@ -208,7 +294,9 @@ def tiny_kwargs(default) -> dict:
         if droppy and isinstance(value, float):
             kwargs[name] = 0.0
         elif isinstance(value, PretrainedConfig):
-            kwargs[name] = {**value.to_dict(), **tiny_kwargs(value)}
+            derived = ("per_layer_config",)  # keyed by the default's layer indexes: re-derived
+            settings = {k: v for k, v in value.to_dict().items() if k not in derived}
+            kwargs[name] = valid_kwargs(type(value), value, {**settings, **tiny_kwargs(value)})
         elif isinstance(value, list) and len(value) == layers and layers > 1:
             kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
             if all(isinstance(kind, str) for kind in kinds):
@@ -221,7 +309,10 @@ def tiny_kwargs(default) -> dict:
     for name in ("num_hidden_layers", "num_layers"):
         if patterns and name in kwargs:
             kwargs[name] = count
-    return {**kwargs, **QUIRKS.get(getattr(default, "model_type", ""), {})}
+    for name, value in QUIRKS.get(getattr(default, "model_type", ""), {}).items():
+        nested = isinstance(value, dict) and isinstance(kwargs.get(name), dict)
+        kwargs[name] = {**kwargs[name], **value} if nested else value  # a sub-config's setting
+    return kwargs
 
 
 def _read(config, name: str):
@@ -341,6 +432,8 @@ def _returned_attentions(kind, model, inputs, target, dtype) -> list[torch.Tenso
     attentions = getattr(output, "attentions", None)
     if not attentions or any(a is None or a.dim() != 4 for a in attentions):
         raise NotRun("no attention maps returned at eager")
+    if any(bool((a.nan_to_num(0.0) < 0).any()) for a in attentions):
+        raise NotRun("the maps it returns have negative entries: scores, not probabilities")
     for attention in attentions:
         if attention.requires_grad:  # a map computed under no_grad has no gradient: zero
             attention.retain_grad()
