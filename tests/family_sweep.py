@@ -132,6 +132,20 @@ QUIRKS = {
         "indexer_compress_ratio": 2,
     },
     "esm": {"pad_token_id": 1, "mask_token_id": 2},  # position ids need a padding id
+    "lilt": {"hidden_size": 48},  # its layout stream splits the hidden size in sixths
+    "layoutlmv3": {"hidden_size": 48, "coordinate_size": 8, "shape_size": 8},  # 4 x + 2 y = h
+    "zamba": {  # its shared transformer needs two hybrid layers to tie
+        "num_hidden_layers": 4,
+        "layers_block_type": ["linear_attention", "hybrid"] * 2,
+        "attention_hidden_size": 64,
+        "attention_head_dim": 16,
+    },
+    "reformer": {"axial_pos_embds": False, "attn_layers": ["local", "lsh"]},  # factor sums
+    "levit": {"patch_size": 16, "image_size": 64},  # its stem always downsamples 16 times
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares 15 of its 35 layers
+    "cohere_compass_text": {  # its default has no rope parameters for its layer type
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    },
     "swin": _SWIN,
     "swinv2": _SWIN,
     "donut-swin": _SWIN,
@@ -341,6 +355,8 @@ def hf_task(family: str) -> tuple[str, type]:
     model_class = getattr(transformers, name, None)
     if model_class is None:
         raise NotRun(f"{name} is not importable")
+    if kind == "image" and "pixel_values" not in inspect.signature(model_class.forward).parameters:
+        kind = "encoder"  # an image classifier over token ids (ImageGPT's colour clusters)
     return kind, model_class
 
 
@@ -352,7 +368,10 @@ def build_hf(family: str):
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
     except AttributeError:  # a text model registered under its composite config
-        config = config.get_text_config()
+        try:
+            config = config.get_text_config()
+        except ValueError:  # a text encoder and a decoder: the causal LM is the decoder
+            config = config.get_text_config(decoder=True)
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
     except Exception as error:  # noqa: BLE001
@@ -364,6 +383,10 @@ def build_hf(family: str):
         model = model_class(config).eval()
     except Exception as error:  # noqa: BLE001
         raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+    if getattr(config, "is_encoder_decoder", False) and "decoder_start_token_id" not in vars(
+        config
+    ):
+        config.decoder_start_token_id = config.pad_token_id  # T5's decoder starts at padding
     languages = getattr(config, "languages", None)
     if languages and hasattr(model, "set_default_language"):  # X-MOD's language adapters
         model.set_default_language(languages[0])
@@ -421,7 +444,7 @@ def _reference_rows(kind, model, inputs, read, target, dtype) -> torch.Tensor:
             attentions = _softmax_attentions(kind, model, inputs, target, dtype)
         except NotRun as second:
             raise NotRun(f"{error}; {second}") from error
-    return _relevance_rows(kind, attentions, read)
+    return _relevance_rows(kind, attentions, read, inputs.get("attention_mask"))
 
 
 def _returned_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
@@ -481,14 +504,16 @@ def _softmax_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor
     return captured
 
 
-def _relevance_rows(kind, attentions, read) -> torch.Tensor:
+def _relevance_rows(kind, attentions, read, mask) -> torch.Tensor:
     maps = [a.detach().double().nan_to_num(0.0) for a in attentions]
     grads = [
         a.grad.double().nan_to_num(0.0) if a.grad is not None else torch.zeros_like(m)
         for a, m in zip(attentions, maps)
     ]
     if kind != "image" and bool((maps[0][1].sum((0,)).triu(1) == 0).all()):
-        read = [LENGTH - 1] * BATCH  # causal attention reads the last token
+        read = [LENGTH - 1] * BATCH  # causal attention reads the last real token
+        if mask is not None and mask.shape[-1] == LENGTH:
+            read = [int(row.nonzero().max()) for row in mask]
     elif kind != "image":
         read = [0] * BATCH
     relevance = relevance_matrix(maps, grads)
