@@ -311,8 +311,11 @@ def tiny_kwargs(default) -> dict:
             derived = ("per_layer_config",)  # keyed by the default's layer indexes: re-derived
             settings = {k: v for k, v in value.to_dict().items() if k not in derived}
             kwargs[name] = valid_kwargs(type(value), value, {**settings, **tiny_kwargs(value)})
-        elif isinstance(value, list) and len(value) == layers and layers > 1:
-            kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
+        elif isinstance(value, (list, tuple)) and len(value) == layers and layers > 1:
+            try:
+                kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
+            except TypeError:  # per-layer lists (dilations): the first two layers'
+                kinds = list(value[:2])
             if all(isinstance(kind, str) for kind in kinds):
                 patterns[name] = kinds
             else:  # per-layer numbers (indexes, sizes): the first two
@@ -417,7 +420,9 @@ def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
 
 
 def select(kind: str, output) -> torch.Tensor:
-    logits = output.logits
+    logits = getattr(output, "logits", None)
+    if logits is None and kind == "image":  # PP-LCNet returns its logits as last_hidden_state
+        logits = output.last_hidden_state
     return logits[:, -1] if kind == "causal" else logits
 
 
