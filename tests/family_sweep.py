@@ -63,6 +63,8 @@ TINY = {
     "v_head_dim": 8,
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
+    "index_head_dim": 8,
+    "index_n_heads": 2,
     "vocab_size": 99,
     "max_position_embeddings": 64,
     "n_positions": 64,
@@ -74,6 +76,7 @@ TINY = {
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
+    "n_shared_experts": 1,
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 16,
     "first_k_dense_replace": 1,
@@ -91,7 +94,16 @@ TINY = {
     "num_self_attention_heads": 4,
     "num_cross_attention_heads": 1,
 }
-NONE_SIZES = ("head_dim", "num_key_value_heads")
+NONE_SIZES = (
+    "head_dim",
+    "num_key_value_heads",
+    "vocab_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+)
 """Sizes a config may leave at None for the model to derive (some models then fail on it)."""
 _SWIN = {
     "image_size": 16,
@@ -112,6 +124,28 @@ QUIRKS = {
     "bamba": {"attn_layer_indices": [1]},  # the defaults have no attention layer
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "mamba2": {"expand": 1, "n_groups": 1},  # heads * head_dim must be hidden_size * expand
+    "qwen4_exp_text": {  # its default layers use the QSA indexer, whose sizes default to None
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 4,
+        "indexer_compress_ratio": 2,
+    },
+    "esm": {"pad_token_id": 1, "mask_token_id": 2},  # position ids need a padding id
+    "lilt": {"hidden_size": 48},  # its layout stream splits the hidden size in sixths
+    "layoutlmv3": {"hidden_size": 48, "coordinate_size": 8, "shape_size": 8},  # 4 x + 2 y = h
+    "zamba": {  # its shared transformer needs two hybrid layers to tie
+        "num_hidden_layers": 4,
+        "layers_block_type": ["linear_attention", "hybrid"] * 2,
+        "attention_hidden_size": 64,
+        "attention_head_dim": 16,
+    },
+    "reformer": {"axial_pos_embds": False, "attn_layers": ["local", "lsh"]},  # factor sums
+    "levit": {"patch_size": 16, "image_size": 64},  # its stem always downsamples 16 times
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares 15 of its 35 layers
+    "cohere_compass_text": {  # its default has no rope parameters for its layer type
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    },
     "swin": _SWIN,
     "swinv2": _SWIN,
     "donut-swin": _SWIN,
@@ -174,15 +208,71 @@ def hf_families() -> list[str]:
 
 
 def tiny_config(family: str):
-    """The family's default config with its sizes shrunk, dropout off."""
+    """The family's default config with its sizes shrunk, dropout off.
+
+    A size the config's validators reject is repaired: a key/value head count made equal to
+    the query heads, or any other size the error names set back to its default.
+    """
     from transformers import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[family]
     try:
-        config = config_class(**tiny_kwargs(config_class()))
+        default = config_class()
+    except Exception:  # noqa: BLE001 - a default its own validators reject: quirks first
+        default = None
+    try:
+        if default is None:
+            default = config_class(**QUIRKS.get(family, {}))
+        return config_class(**valid_kwargs(config_class, default, tiny_kwargs(default)))
     except Exception as error:  # noqa: BLE001 - any config error means "cannot shrink"
-        raise NotRun(f"config: {type(error).__name__}") from error
-    return config
+        message = " ".join(_message(error).split())
+        raise NotRun(f"config: {type(error).__name__}: {message[:100]}") from error
+
+
+def valid_kwargs(config_class, default, kwargs: dict) -> dict:
+    """``kwargs``, repaired until ``config_class`` accepts them (see :func:`tiny_config`)."""
+    for _ in range(6):
+        try:
+            config_class(**kwargs)
+            return kwargs
+        except Exception as error:  # noqa: BLE001
+            repaired = _repair(kwargs, default, error)
+            if repaired is None:
+                return kwargs
+            kwargs = repaired
+    return kwargs
+
+
+def _message(error: BaseException) -> str:
+    parts = [str(error)]
+    while error.__cause__ is not None:
+        error = error.__cause__
+        parts.append(str(error))
+    return " ".join(parts)
+
+
+def _repair(kwargs: dict, default, error: BaseException) -> dict | None:
+    """``kwargs`` with the first shrunk size the validator's message names repaired, or None."""
+    import re
+
+    message = _message(error)
+    quirks = QUIRKS.get(getattr(default, "model_type", ""), {})
+    named = sorted(
+        (match.start(), name)
+        for name in kwargs
+        if name not in quirks and (match := re.search(rf"\b{name}\b", message))
+    )
+    for _, name in named:
+        repaired = dict(kwargs)
+        heads = kwargs.get("num_attention_heads", _read(default, "num_attention_heads"))
+        if name == "num_key_value_heads" and isinstance(heads, int) and kwargs[name] != heads:
+            repaired[name] = heads  # no grouped-query attention
+        elif vars(default).get(name, kwargs[name]) != kwargs[name]:
+            repaired[name] = vars(default)[name]
+        else:
+            continue
+        return repaired
+    return None
 
 
 def tiny_kwargs(default) -> dict:
@@ -199,6 +289,16 @@ def tiny_kwargs(default) -> dict:
         unset = name in NONE_SIZES and name in vars(default) and _read(default, name) is None
         if settable and (isinstance(_read(default, name), int) or unset):
             kwargs[name] = value
+    hidden = _read(default, "hidden_size")
+    for name, value in vars(default).items():  # a size tied to the hidden size stays tied
+        tied = isinstance(value, int) and not isinstance(value, bool) and value == hidden
+        if (
+            tied
+            and name not in TINY
+            and ("size" in name or "dim" in name)
+            and "hidden_size" in kwargs
+        ):
+            kwargs[name] = kwargs["hidden_size"]
     if _read(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # latent attention
     layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
@@ -208,9 +308,14 @@ def tiny_kwargs(default) -> dict:
         if droppy and isinstance(value, float):
             kwargs[name] = 0.0
         elif isinstance(value, PretrainedConfig):
-            kwargs[name] = {**value.to_dict(), **tiny_kwargs(value)}
-        elif isinstance(value, list) and len(value) == layers and layers > 1:
-            kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
+            derived = ("per_layer_config",)  # keyed by the default's layer indexes: re-derived
+            settings = {k: v for k, v in value.to_dict().items() if k not in derived}
+            kwargs[name] = valid_kwargs(type(value), value, {**settings, **tiny_kwargs(value)})
+        elif isinstance(value, (list, tuple)) and len(value) == layers and layers > 1:
+            try:
+                kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
+            except TypeError:  # per-layer lists (dilations): the first two layers'
+                kinds = list(value[:2])
             if all(isinstance(kind, str) for kind in kinds):
                 patterns[name] = kinds
             else:  # per-layer numbers (indexes, sizes): the first two
@@ -221,7 +326,10 @@ def tiny_kwargs(default) -> dict:
     for name in ("num_hidden_layers", "num_layers"):
         if patterns and name in kwargs:
             kwargs[name] = count
-    return {**kwargs, **QUIRKS.get(getattr(default, "model_type", ""), {})}
+    for name, value in QUIRKS.get(getattr(default, "model_type", ""), {}).items():
+        nested = isinstance(value, dict) and isinstance(kwargs.get(name), dict)
+        kwargs[name] = {**kwargs[name], **value} if nested else value  # a sub-config's setting
+    return kwargs
 
 
 def _read(config, name: str):
@@ -250,6 +358,8 @@ def hf_task(family: str) -> tuple[str, type]:
     model_class = getattr(transformers, name, None)
     if model_class is None:
         raise NotRun(f"{name} is not importable")
+    if kind == "image" and "pixel_values" not in inspect.signature(model_class.forward).parameters:
+        kind = "encoder"  # an image classifier over token ids (ImageGPT's colour clusters)
     return kind, model_class
 
 
@@ -261,7 +371,10 @@ def build_hf(family: str):
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
     except AttributeError:  # a text model registered under its composite config
-        config = config.get_text_config()
+        try:
+            config = config.get_text_config()
+        except ValueError:  # a text encoder and a decoder: the causal LM is the decoder
+            config = config.get_text_config(decoder=True)
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
     except Exception as error:  # noqa: BLE001
@@ -273,6 +386,10 @@ def build_hf(family: str):
         model = model_class(config).eval()
     except Exception as error:  # noqa: BLE001
         raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+    if getattr(config, "is_encoder_decoder", False) and "decoder_start_token_id" not in vars(
+        config
+    ):
+        config.decoder_start_token_id = config.pad_token_id  # T5's decoder starts at padding
     languages = getattr(config, "languages", None)
     if languages and hasattr(model, "set_default_language"):  # X-MOD's language adapters
         model.set_default_language(languages[0])
@@ -303,7 +420,9 @@ def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
 
 
 def select(kind: str, output) -> torch.Tensor:
-    logits = output.logits
+    logits = getattr(output, "logits", None)
+    if logits is None and kind == "image":  # PP-LCNet returns its logits as last_hidden_state
+        logits = output.last_hidden_state
     return logits[:, -1] if kind == "causal" else logits
 
 
@@ -322,24 +441,84 @@ def reference_rows(kind: str, model, inputs: dict, read: list[int], target: int)
 
 
 def _reference_rows(kind, model, inputs, read, target, dtype) -> torch.Tensor:
+    try:
+        attentions = _returned_attentions(kind, model, inputs, target, dtype)
+    except (NotRun, RuntimeError) as error:
+        # The maps it returns are copies, or returning them fails: read the softmax outputs.
+        try:
+            attentions = _softmax_attentions(kind, model, inputs, target, dtype)
+        except NotRun as second:
+            raise NotRun(f"{error}; {second}") from error
+    return _relevance_rows(kind, attentions, read, inputs.get("attention_mask"))
+
+
+def _returned_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
+    """The maps Hugging Face returns with ``output_attentions=True``, their gradients kept."""
     reference = _eager_copy(model).to(dtype)
     double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     output = reference(**double, output_attentions=True)
     attentions = getattr(output, "attentions", None)
     if not attentions or any(a is None or a.dim() != 4 for a in attentions):
         raise NotRun("no attention maps returned at eager")
+    if any(bool((a.nan_to_num(0.0) < 0).any()) for a in attentions):
+        raise NotRun("the maps it returns have negative entries: scores, not probabilities")
     for attention in attentions:
-        attention.retain_grad()
+        if attention.requires_grad:  # a map computed under no_grad has no gradient: zero
+            attention.retain_grad()
     select(kind, output)[:, target].sum().backward()
     if all(a.grad is None for a in attentions):
         raise NotRun("the attention maps it returns are copies, off the gradient path")
+    return list(attentions)
+
+
+def _softmax_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
+    """Every 4-D softmax over the last dimension in the eager copy's forward, in order, its
+    gradient kept: ``torch.softmax``, ``torch.nn.functional.softmax`` and ``Tensor.softmax``
+    wrapped for the one forward and backward (``nn.Softmax`` calls the functional one)."""
+    reference = _eager_copy(model).to(dtype)
+    double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    captured: list[torch.Tensor] = []
+    originals = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+
+    def keeping(original):
+        def softmax(input, *args, **kwargs):
+            output = original(input, *args, **kwargs)
+            dim = kwargs.get("dim", args[0] if args else None)
+            known = any(output is a for a in captured)  # F.softmax calls Tensor.softmax
+            if output.dim() == 4 and dim in (-1, 3) and not known:
+                if output.requires_grad:
+                    output.retain_grad()
+                captured.append(output)
+            return output
+
+        return softmax
+
+    torch.softmax = keeping(originals[0])
+    torch.nn.functional.softmax = keeping(originals[1])
+    torch.Tensor.softmax = keeping(originals[2])
+    try:
+        select(kind, reference(**double))[:, target].sum().backward()
+    finally:
+        torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax = originals
+    if not captured:
+        raise NotRun("no 4-D softmax in its forward")
+    if len({a.shape[-2:] for a in captured}) != 1:
+        raise NotRun("its softmax outputs are not all over the same tokens")
+    if all(a.grad is None for a in captured):
+        raise NotRun("no softmax output is on the gradient path")
+    return captured
+
+
+def _relevance_rows(kind, attentions, read, mask) -> torch.Tensor:
     maps = [a.detach().double().nan_to_num(0.0) for a in attentions]
     grads = [
         a.grad.double().nan_to_num(0.0) if a.grad is not None else torch.zeros_like(m)
         for a, m in zip(attentions, maps)
     ]
     if kind != "image" and bool((maps[0][1].sum((0,)).triu(1) == 0).all()):
-        read = [LENGTH - 1] * BATCH  # causal attention reads the last token
+        read = [LENGTH - 1] * BATCH  # causal attention reads the last real token
+        if mask is not None and mask.shape[-1] == LENGTH:
+            read = [int(row.nonzero().max()) for row in mask]
     elif kind != "image":
         read = [0] * BATCH
     relevance = relevance_matrix(maps, grads)
