@@ -650,8 +650,8 @@ def test_attention_in_a_layout_it_cannot_read_is_named_when_nothing_else_is_capt
 
 class MixerLayers(nn.Module):
     """A layer stack whose layers are softmax attention or another token mixer: linear
-    attention (``K^T V``, as ``matmul`` or ``einsum``), a time shift (``F.pad`` or
-    ``torch.roll``), or ``"none"`` (a per-token MLP, which mixes nothing). ``pool`` ends it
+    attention (``K^T V``, as ``matmul`` or ``einsum``), a time shift (``F.pad``,
+    ``torch.roll`` or ``torch.cat`` of a slice), or ``"none"`` (a per-token MLP, which mixes nothing). ``pool`` ends it
     with a softmax over the tokens as (B, N) and a weighted sum; ``classes`` ends it with a
     softmax over the classes (as many as tokens)."""
 
@@ -682,6 +682,11 @@ class MixerLayers(nn.Module):
                 mixed = F.pad(v, (0, 0, 1, -1))
             elif kind == "roll":
                 mixed = torch.roll(v, 1, dims=2)
+            elif kind == "cat":  # half of each value from the previous token, as in ZAYA
+                mixed = torch.cat(
+                    [v, torch.cat([torch.zeros_like(v[:, :, :1]), v[:, :, :-1]], 2)], -1
+                )
+                mixed = mixed[..., :8] + mixed[..., 8:]
             else:
                 mixed = torch.tanh(v)
             x = x + mixed.transpose(1, 2).flatten(2)
@@ -705,6 +710,7 @@ class MixerLayers(nn.Module):
         (("attention", "einsum"), r"einsum bhnd,bhne->bhde over an axis of size 7"),
         (("attention", "pad"), r"pad shifting dim 2 by 1"),
         (("attention", "roll"), r"roll over dim 2"),
+        (("attention", "cat"), r"cat shifting dim 2 by 1"),
     ],
 )
 @pytest.mark.parametrize("given", [True, False], ids=["model given", "forward only"])

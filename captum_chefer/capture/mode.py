@@ -228,7 +228,8 @@ _PRODUCTS = {
     Tensor.bmm,
     torch.einsum,
 }
-_SHIFTS = {F.pad, torch.roll, Tensor.roll}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_SHIFTS = {F.pad, torch.roll, Tensor.roll, *_CAT}
 
 
 def content_product(
@@ -346,7 +347,14 @@ def token_shifts(
         [('pad shifting dim 1 by 1', 7)]
         >>> token_shifts(F.pad, (x, (0, 0, 0, 3)), {})
         []
+        >>> v = torch.randn(2, 7, 4, requires_grad=True) * 2
+        >>> token_shifts(torch.cat, ([v[:, :1] * 0, v[:, :-1]], 1), {})
+        [('cat shifting dim 1 by 1', 7)]
+        >>> token_shifts(torch.cat, ([v[:, :1], v[:, 1:]], 1), {})
+        []
     """
+    if func in _CAT:
+        return _shifted_slices(args, kwargs)
     tensor = args[0] if args else kwargs.get("input")
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
         return []
@@ -369,6 +377,33 @@ def token_shifts(
         for shift, dim in zip(shifts, dims)
         if shift and tensor.shape[dim] > 1
     ]
+
+
+def _shifted_slices(args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, int]]:
+    """The slices that ``torch.cat`` puts back at another offset along the axis they were
+    cut from, in a tensor as long as the one sliced (``cat([state, v[:, :-1]], 1)``: a time
+    shift). A slice put back where it was (a class token kept in front) moves nothing."""
+    pieces = args[0] if args else kwargs["tensors"]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not pieces or not all(isinstance(piece, Tensor) for piece in pieces):
+        return []
+    rank = pieces[0].dim()
+    if rank == 0:
+        return []
+    dim %= rank
+    total = sum(piece.shape[dim] for piece in pieces)
+    found, offset = [], 0
+    for piece in pieces:
+        node = piece.grad_fn
+        if type(node).__name__ == "SliceBackward0" and node._saved_dim % rank == dim:
+            size = node._saved_self_sym_sizes[dim]
+            start = node._saved_start
+            start = start - 2**64 if start >= 2**63 else start  # stored unsigned
+            start = start + size if start < 0 else start
+            if size == total and offset != start:
+                found.append((f"cat shifting dim {dim} by {offset - start}", total))
+        offset += piece.shape[dim]
+    return found
 
 
 def captured_sdpa(recorder: Recorder, *args: Any, **kwargs: Any) -> Tensor:
