@@ -168,7 +168,8 @@ class Outcome:
 
 def lrp_outcome(model, forward, values: tuple) -> str:
     """Run AttnLRP and CP-LRP on ``forward(model, *values)``; each must give finite maps of the
-    inputs' shape and leave no mode or hook behind, or be refused by captum_chefer."""
+    inputs' shape and leave no mode or hook behind, or be refused by captum_chefer. Where both
+    refuse, the Integrated Gradients fix is run too."""
     from captum_chefer import CPLRP, AttnLRP
 
     results = []
@@ -188,7 +189,39 @@ def lrp_outcome(model, forward, values: tuple) -> str:
         ):
             return f"FAILED: {method.__name__} left a mode or hook behind"
         results.append("ok")
-    return results[0] if results[0] == results[1] else " / ".join(results)
+    summary = results[0] if results[0] == results[1] else " / ".join(results)
+    if all(result.startswith("refused") for result in results):
+        summary += "; " + integrated_gradients_outcome(model, forward, values)
+    return summary
+
+
+def integrated_gradients_outcome(model, forward, values: tuple) -> str:
+    """The other fix every refusal names: Captum's (Layer) Integrated Gradients, on the token
+    embeddings (or the pixels), must give finite, non-zero maps. Few steps and a small
+    internal batch: the check is that it runs, not its convergence."""
+    from captum.attr import IntegratedGradients, LayerIntegratedGradients
+
+    def run(*v):
+        return forward(model, *v)
+
+    embeddings = None if values[0].is_floating_point() else model.get_input_embeddings()
+    try:
+        if embeddings is not None:
+            method = LayerIntegratedGradients(run, embeddings)
+        else:
+            method = IntegratedGradients(run)
+        maps = method.attribute(
+            values[0],
+            target=1,
+            additional_forward_args=values[1:],
+            n_steps=4,
+            internal_batch_size=2,
+        )
+    except Exception as error:  # noqa: BLE001
+        return f"Layer IG FAILED: {type(error).__name__}: {str(error)[:80]}"
+    if not bool(torch.isfinite(maps).all()) or not bool((maps != 0).any()):
+        return "Layer IG FAILED: non-finite or all-zero maps"
+    return "Layer IG ok" if embeddings is not None else "IG ok"
 
 
 class NotRun(Exception):
@@ -749,7 +782,7 @@ def write_table(outcomes: list[Outcome], path: Path) -> None:
         "",
         "Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         "",
-        "| family | model | result | detail | AttnLRP / CP-LRP |",
+        "| family | model | result | detail | AttnLRP / CP-LRP (and IG where both refuse) |",
         "|---|---|---|---|---|",
     ]
     lines += [

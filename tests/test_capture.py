@@ -651,9 +651,9 @@ def test_attention_in_a_layout_it_cannot_read_is_named_when_nothing_else_is_capt
 class MixerLayers(nn.Module):
     """A layer stack whose layers are softmax attention or another token mixer: linear
     attention (``K^T V``, as ``matmul`` or ``einsum``), a time shift (``F.pad``,
-    ``torch.roll`` or ``torch.cat`` of a slice), or ``"none"`` (a per-token MLP, which mixes nothing). ``pool`` ends it
-    with a softmax over the tokens as (B, N) and a weighted sum; ``classes`` ends it with a
-    softmax over the classes (as many as tokens)."""
+    ``torch.roll`` or ``torch.cat`` of a slice), or ``"none"`` (a per-token MLP, which mixes
+    nothing). ``pool`` ends it with a softmax over the tokens as (B, N) and a weighted sum;
+    ``classes`` ends it with a softmax over the classes (as many as tokens)."""
 
     def __init__(self, kinds: tuple[str, ...], pool: bool = False, classes: int = 3) -> None:
         super().__init__()

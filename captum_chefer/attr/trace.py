@@ -213,5 +213,8 @@ def _hint(model: nn.Module | None) -> str:
     return (
         "If the model computes attention in another kernel (flash-attn, xformers, a compiled or "
         "scripted module), switch it to torch.nn.functional.scaled_dot_product_attention, or "
-        "call captum_chefer.mark_attention() on the softmax output in its attention code."
+        "call captum_chefer.mark_attention() on the softmax output in its attention code. A "
+        "model without attention (a CNN, a state-space model) has no attention to explain: use "
+        "a gradient method, e.g. captum.attr.LayerIntegratedGradients on its embedding layer "
+        "(or IntegratedGradients on the pixels)."
     )
