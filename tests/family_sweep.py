@@ -612,7 +612,35 @@ def sweep_hf(family: str) -> Outcome:
             return select(kind, m(**dict(zip(names, values))))
 
         outcome.lrp = lrp_outcome(model, forward, tuple(inputs.values()))
+        if outcome.result == "refused" and model.config.is_encoder_decoder:
+            outcome.lrp += "; " + encoder_decoder_outcome(model, inputs)
     return outcome
+
+
+def encoder_decoder_outcome(model, inputs: dict) -> str:
+    """The fix a chain-break refusal names for an encoder-decoder: ``CheferEncoderDecoder`` on
+    (source ids, decoder ids) must give finite, non-zero maps of both."""
+    from captum_chefer import CheferEncoderDecoder
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    start = getattr(model.config, "decoder_start_token_id", None)
+    start = start if isinstance(start, int) else (model.config.pad_token_id or 0)
+    decoder_ids = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], 1)
+
+    def forward(ids, decoder_ids, mask):
+        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+
+    try:
+        maps = CheferEncoderDecoder(forward, model).attribute(
+            (ids, decoder_ids), target=1, additional_forward_args=(mask,)
+        )
+    except Exception as error:  # noqa: BLE001
+        return f"CheferEncoderDecoder FAILED: {type(error).__name__}: {str(error)[:80]}"
+    if any(m.shape != ids.shape or not bool(torch.isfinite(m).all()) for m in maps):
+        return "CheferEncoderDecoder FAILED: maps of the wrong shape or non-finite"
+    if not all(bool((m != 0).any()) for m in maps):
+        return "CheferEncoderDecoder FAILED: an all-zero map"
+    return "CheferEncoderDecoder ok"
 
 
 def _chefer_outcome(family, kind, model, inputs, read, before) -> Outcome:
@@ -782,7 +810,7 @@ def write_table(outcomes: list[Outcome], path: Path) -> None:
         "",
         "Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         "",
-        "| family | model | result | detail | AttnLRP / CP-LRP (and IG where both refuse) |",
+        "| family | model | result | detail | AttnLRP / CP-LRP; the named fix where they refuse |",
         "|---|---|---|---|---|",
     ]
     lines += [
