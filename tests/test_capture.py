@@ -818,3 +818,100 @@ def test_attention_computed_under_no_grad_is_left_out_without_a_crash():
     ours = CheferRelevance(model).attribute(ids, target=1, output="token")
     plain = CheferRelevance(MixerLayers(("attention", "none", "attention")).eval())
     assert_close(ours, plain.attribute(ids, target=1, output="token"))
+
+
+class PooledEncoder(nn.Module):
+    """Two softmax-attention layers and a head that reads the output from ``pool``: the
+    first token, the last, the mean of every token after ``skip``, or two tokens' heads
+    averaged (a distilled DeiT)."""
+
+    def __init__(self, pool: str, skip: int = 0) -> None:
+        super().__init__()
+        self.stack = MixerLayers(("attention", "attention"))
+        self.pool, self.skip = pool, skip
+        self.second = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        x = self.stack.embed(ids)
+        for layer in self.stack.layers:
+            q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in layer(x).chunk(3, -1))
+            attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)
+            x = x + (attn @ v).transpose(1, 2).flatten(2)
+        head = self.stack.head
+        if self.pool == "first":
+            return head(x[:, 0])
+        if self.pool == "last":
+            return head(x[:, -1])
+        if self.pool == "mean":
+            return head(x[:, self.skip :].mean(1))
+        return (head(x[:, 0]) + self.second(x[:, 1])) / 2
+
+
+def _pooled_reference(model, ids, weights):
+    """Rows of R (float64, from the softmaxes' own gradients) weighted by ``weights`` (N,),
+    minus the identity's share: the map of a read over those tokens."""
+    keep: list[torch.Tensor] = []
+    original = torch.softmax
+
+    def softmax(scores, dim):
+        probs = original(scores, dim)
+        probs.retain_grad()
+        keep.append(probs)
+        return probs
+
+    reference = copy.deepcopy(model).double()
+    torch.softmax = softmax
+    try:
+        reference(ids)[:, 1].sum().backward()
+    finally:
+        torch.softmax = original
+    relevance = relevance_matrix([a.detach() for a in keep], [a.grad for a in keep])
+    weights = weights.double()
+    return torch.einsum("n,bnk->bk", weights, relevance) - weights
+
+
+@pytest.mark.parametrize(
+    ("pool", "skip", "fix", "named"),
+    [
+        ("last", 0, {"token_index": 6}, r"Pass token_index=6\."),
+        ("mean", 0, {"token_index": "mean", "self_relevance": "keep"}, r"token_index='mean'"),
+        ("mean", 2, {"token_index": "mean", "num_prefix_tokens": 2, "self_relevance": "keep"},
+         r"token_index='mean', num_prefix_tokens=2"),
+        ("two heads", 0, {"token_index": 0}, r"two heads.*token_index=0"),
+    ],
+)  # fmt: skip
+def test_auto_reads_the_rows_the_output_is_computed_from_or_names_the_fix(pool, skip, fix, named):
+    model = PooledEncoder(pool, skip).eval()
+    ids = _ids(seed=13) % 50
+    with pytest.raises(ValueError, match=r"the map would explain another output.*" + named):
+        CheferRelevance(model).attribute(ids, target=1)
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token", **fix)
+    weights = torch.zeros(7)
+    if pool == "mean":
+        weights[skip:] = 1 / (7 - skip)
+    else:
+        weights[fix["token_index"]] = 1.0
+    expected = _pooled_reference(model, ids, weights)
+    if fix.get("self_relevance") == "keep":
+        expected = expected + weights.double()
+    assert_close(ours, expected)
+
+
+def test_auto_reads_the_first_token_where_the_head_does():
+    explainer = CheferRelevance(PooledEncoder("first").eval())
+    ids = _ids(seed=13) % 50
+    expected = explainer.attribute(ids, 1, output="token", token_index=0)
+    assert torch.equal(explainer.attribute(ids, 1, output="token"), expected)
+
+
+def test_an_output_taken_at_a_padding_position_is_refused():
+    model = models.llama()
+    ids = _ids(seed=13) % 50
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0  # padded on the right, but the logit is taken at the last position
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+
+    with pytest.raises(ValueError, match="padding position.*pad on the left"):
+        CheferRelevance(forward, model).attribute(ids, target=1, additional_forward_args=(mask,))

@@ -135,7 +135,7 @@ def test_model_left_exactly_as_it_was(factory, training):
         call, inputs = (lambda ids: model(ids).logits), _ids(2, 6)
     before = _state(model)
     with pytest.warns(UserWarning, match="training mode") if training else _no_warning():
-        CheferRelevance(call, model).attribute(inputs, target=0)
+        CheferRelevance(call, model).attribute(inputs, target=0, token_index=0)
     _assert_same_state(before, _state(model))
 
     def failing(x):
@@ -215,11 +215,15 @@ def test_explicit_prefix_and_grid_equal_the_inferred_ones():
     model = models.deit()
     images = torch.randn(1, 3, 224, 224)
     explainer = CheferRelevance(model)
-    inferred = explainer.attribute(images, target=0)
-    explicit = explainer.attribute(images, target=0, num_prefix_tokens=2, patch_grid=(14, 14))
+    inferred = explainer.attribute(images, target=0, token_index=0)
+    explicit = explainer.attribute(
+        images, target=0, token_index=0, num_prefix_tokens=2, patch_grid=(14, 14)
+    )
     assert torch.equal(inferred, explicit)
     with pytest.raises(ValueError, match="patch_grid"):
-        explainer.attribute(images, target=0, num_prefix_tokens=2, patch_grid=(10, 10))
+        explainer.attribute(
+            images, target=0, token_index=0, num_prefix_tokens=2, patch_grid=(10, 10)
+        )
 
 
 def test_bad_arguments_name_the_fix():

@@ -90,10 +90,12 @@ class RawAttention(_LastLayerBaseline):
     Example:
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
+        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+        >>> head = torch.nn.Linear(16, 3)
+        >>> model = lambda x: head(encoder(x)[:, 0])  # a classifier on the first token
         >>> x = torch.randn(2, 5, 16)
-        >>> row = RawAttention(model).attribute(x, target=0, output="token", self_relevance="keep")
+        >>> raw = RawAttention(model, encoder)
+        >>> row = raw.attribute(x, target=0, output="token", self_relevance="keep")
         >>> torch.allclose(row.sum(1), torch.ones(2))  # one attention row per example
         True
     """
@@ -112,10 +114,11 @@ class AttentionRollout(AttentionAttribution):
     Example:
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
+        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+        >>> head = torch.nn.Linear(16, 3)
+        >>> model = lambda x: head(encoder(x)[:, 0])  # a classifier on the first token
         >>> x = torch.randn(2, 5, 16)
-        >>> rollout = AttentionRollout(model)
+        >>> rollout = AttentionRollout(model, encoder)
         >>> rollout.attribute(x, target=0, head_fusion="max").shape
         torch.Size([2, 5, 16])
         >>> row = rollout.attribute(x, target=0, output="token", self_relevance="keep")
@@ -178,10 +181,11 @@ class AttentionGradCAM(_LastLayerBaseline):
     Example:
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
+        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+        >>> head = torch.nn.Linear(16, 3)
+        >>> model = lambda x: head(encoder(x)[:, 0])  # a classifier on the first token
         >>> x = torch.randn(2, 5, 16)
-        >>> cam = AttentionGradCAM(model).attribute(x, target=0, output="token")
+        >>> cam = AttentionGradCAM(model, encoder).attribute(x, target=0, output="token")
         >>> cam.shape, bool((cam >= 0).all()), bool((cam[:, 0] == 0).all())
         (torch.Size([2, 5]), True, True)
     """
@@ -202,10 +206,12 @@ class GradientRollout(AttentionAttribution):
     Example:
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
+        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+        >>> head = torch.nn.Linear(16, 3)
+        >>> model = lambda x: head(encoder(x)[:, 0])  # a classifier on the first token
         >>> x = torch.randn(2, 5, 16)
-        >>> row = GradientRollout(model).attribute(x, 0, output="token", self_relevance="keep")
+        >>> rollout = GradientRollout(model, encoder)
+        >>> row = rollout.attribute(x, 0, output="token", self_relevance="keep")
         >>> torch.allclose(row.sum(1), torch.ones(2))
         True
     """

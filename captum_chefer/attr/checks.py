@@ -7,6 +7,10 @@ where it is cheap, and a failure names the cause and the fix.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
 
 from ..core.readers import Edge, Reader, StreamLayout
 from ..core.tokens import SelfRelevance
@@ -129,3 +133,83 @@ NOT_A_CHAIN = (
     "at a time with the other detached, e.g. CheferRelevance(lambda a: cos(model(a), "
     "model(b).detach()), model).attribute(a)."
 )
+
+
+def check_read_rows(
+    name: str,
+    output_rows: Tensor | None,
+    reads: Sequence[Any],
+    weights: dict[str, Tensor],
+    real: dict[str, Tensor],
+) -> None:
+    """Refuse a read of other rows than those the explained output is computed from.
+
+    The rule reads the rows of ``R`` of the tokens whose final states make the output: the
+    CLS token of a CLS-pooled classifier, the last token of a causal LM, every patch of a
+    mean-pooled ViT. Which tokens those are is seen in the backward: the query rows of the
+    last attention layer whose output gets a gradient. Where the rows read differ (a
+    mean-pooled model read at its first token, an output selected at a padding position), the
+    map would explain another output; the error names the ``token_index`` that reads the right
+    rows, where one does. Checked for ``token_index="auto"``: an explicit one is the user's.
+    """
+    if output_rows is None or len(real) != 1:
+        return
+    reads = [read for read in reads if isinstance(read.token_index, str)]
+    for read in reads:
+        if read.token_index != "auto" or read.read_stream != read.stream:
+            continue  # an explicit token_index is the user's choice
+        rows, mask = weights[read.read_stream] != 0, real[read.read_stream]
+        if rows.shape != output_rows.shape:
+            continue
+        used = output_rows.to(rows.device)
+        if bool(torch.equal(rows & mask, used & mask)) and not bool((used & ~mask).any()):
+            continue
+        raise ValueError(_wrong_rows(name, read.token_index, rows, used, mask))
+
+
+def _tokens(row: Tensor) -> str:
+    found = row.nonzero().flatten().tolist()
+    return f"tokens {found}" if len(found) <= 8 else f"{len(found)} tokens"
+
+
+def _wrong_rows(name: str, token_index: Any, rows: Tensor, used: Tensor, real: Tensor) -> str:
+    example = int((rows != used).any(1).nonzero()[0])
+    start = (
+        f"{name}: the explained output is computed from the final states of "
+        f"{_tokens(used[example])} (example {example}), but token_index={token_index!r} reads "
+        f"the rows of {_tokens(rows[example])}; the map would explain another output."
+    )
+    counts = used.sum(1)
+    if bool((used & ~real).any()):
+        return start + (
+            " The output is taken at a padding position: select it at the last real token "
+            "(e.g. logits[torch.arange(B), mask.sum(1) - 1]), or pad on the left."
+        )
+    if bool((counts == 1).all()):
+        index = used.int().argmax(1)
+        fix = (
+            str(int(index[0]))
+            if bool((index == index[0]).all())
+            else f"torch.tensor({index.tolist()})"
+        )
+        return start + f" Pass token_index={fix}."
+    pooled = used & real
+    first = pooled.int().argmax(1)
+    contiguous = bool((pooled.sum(1) == real.sum(1) - first).all())
+    if contiguous and bool((first == first[0]).all()):
+        skip = int(first[0])
+        option = "token_index='mean'" + (f", num_prefix_tokens={skip}" if skip else "")
+        after = f" after the first {skip}" if skip else ""
+        return start + (
+            f" It uses every real token{after}: if the model mean-pools them (a mean-pooled "
+            f"ViT or sentence encoder), pass {option} to read the mean of their rows; a head "
+            "over all of them with weights of its own (a flatten) is not a pooling the rule "
+            "defines: explain it with captum_chefer.AttnLRP(model), which goes through the head."
+        )
+    return start + (
+        " The model combines several tokens' states (two heads, as a distilled DeiT's class "
+        "and distillation tokens; or the CLS token and the mean of the patches), which the "
+        "rule does not define from the rows alone: pass token_index= the one token to explain "
+        "(e.g. token_index=0, the class token), or explain the whole output with "
+        "captum_chefer.AttnLRP(model), which goes through the head."
+    )

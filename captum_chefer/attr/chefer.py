@@ -37,10 +37,11 @@ class CheferRelevance(AttentionAttribution):
     Example:
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        >>> model = torch.nn.Sequential(encoder, torch.nn.Flatten(1), torch.nn.LazyLinear(3)).eval()
+        >>> encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+        >>> head = torch.nn.Linear(16, 3)
+        >>> model = lambda x: head(encoder(x)[:, 0])  # a classifier on the first token
         >>> x = torch.randn(2, 5, 16)
-        >>> relevance = CheferRelevance(model).attribute(x, target=0)
+        >>> relevance = CheferRelevance(model, encoder).attribute(x, target=0)
         >>> relevance.shape
         torch.Size([2, 5, 16])
     """

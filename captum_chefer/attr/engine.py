@@ -33,7 +33,13 @@ from ..core.readers import Edge, Reader, ReadSetup, StreamLayout, check_start_la
 from ..core.tokens import SelfRelevance, TokenIndex, check_something_left, row_weights
 from ..families import StreamMap, recorded_patch_positions
 from ._captum import TargetType, _format_output, _format_tensor_into_tuples, _is_tuple
-from .checks import check_attention, check_output, check_self_relevance, check_streams
+from .checks import (
+    check_attention,
+    check_output,
+    check_read_rows,
+    check_self_relevance,
+    check_streams,
+)
 from .trace import Trace, is_causal, real_keys, trace_attention
 
 Output = Literal["input", "token"]
@@ -106,6 +112,8 @@ class Prepared:
 
     real: dict[str, Tensor]
     reads: list[Read]
+    weights: dict[str, Tensor]
+    """The rows read, as weights ``(B, N)``, by read stream."""
 
 
 @dataclass
@@ -210,6 +218,7 @@ def read_rows(
             scope_modules=streams.needs_module_names,
         )
     real = prepared[0].real
+    check_read_rows(name, trace.output_rows, prepared[0].reads, prepared[0].weights, real)
     rows = [
         reader.read(spec.self_relevance, read.stream, read.read_stream).masked_fill(
             ~real[read.stream], 0.0
@@ -243,17 +252,17 @@ def prepare_reader(
         )
     check_start_layer(reader.start_layer, len(records))
     real = _real_tokens(trace, layout)
-    weights = _row_weights(trace, layout, resolved, real, spec.self_relevance)
     shapes = [tensor.shape for tensor in inputs]
     prefix = prefix_tokens(
         layout.sizes[first.read_stream], shapes, spec.num_prefix_tokens, spec.patch_grid
     )
+    weights = _row_weights(trace, layout, resolved, real, spec.self_relevance, prefix)
     more = {stream: rows for stream, rows in weights.items() if stream != first.read_stream}
     setup = ReadSetup(
         weights[first.read_stream], real[first.read_stream], len(records), prefix, layout, more
     )
     reader.prepare(setup)
-    return Prepared(real, resolved)
+    return Prepared(real, resolved, weights)
 
 
 def _row_weights(
@@ -262,12 +271,21 @@ def _row_weights(
     reads: Sequence[Read],
     real: dict[str, Tensor],
     self_relevance: SelfRelevance,
+    prefix: int = 0,
 ) -> dict[str, Tensor]:
-    """The rows read, by read stream; every read of one stream must read the same rows."""
+    """The rows read, by read stream; every read of one stream must read the same rows.
+
+    ``token_index="mean"`` over patch tokens leaves the ``prefix`` tokens before the grid
+    (CLS, registers) out, as mean-pooled vision transformers do.
+    """
     weights: dict[str, Tensor] = {}
     for read in reads:
         causal = read.causal if read.causal is not None else _read_causality(trace, layout, read)
-        rows = row_weights(read.token_index, real[read.read_stream], causal)
+        pooled = real[read.read_stream]
+        if isinstance(read.token_index, str) and read.token_index == "mean" and prefix > 0:
+            pooled = pooled.clone()
+            pooled[:, :prefix] = False
+        rows = row_weights(read.token_index, pooled, causal)
         if read.read_stream in weights and not torch.equal(weights[read.read_stream], rows):
             raise ValueError(
                 f"Two inputs are read from different tokens of the stream {read.read_stream!r}, "

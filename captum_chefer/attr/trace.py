@@ -56,6 +56,8 @@ class Trace:
     target: TargetType
     records: list[CallRecord]
     dependencies: Dependencies
+    output_rows: Tensor | None = None
+    """After the backward: bool ``(B, Nq)``, the rows of the last call the output depends on."""
 
     @property
     def batch(self) -> int:
@@ -110,6 +112,8 @@ def trace_attention(
             check_token_mixing(recorder, model)
             anchors = list(recorder.anchors.values())
             torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
+            if all(makes_tokens for _, makes_tokens in recorder.mixing_on_path):
+                trace.output_rows = recorder.output_rows  # else mixing after attention moves them
     finally:
         recorder.release()  # no cycle through the graph keeps it alive
     return trace

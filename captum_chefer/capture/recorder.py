@@ -152,6 +152,9 @@ class Recorder:
     a first attention layer (it then takes part in making the tokens)."""
     batch: int | None = None
     """After :meth:`keep_on_path`: the explained batch size."""
+    output_rows: Tensor | None = None
+    """After the backward: bool ``(B, Nq)``, the query rows of the last captured call whose
+    output the explained output depends on (the tokens the model's output is computed from)."""
     root: nn.Module | None = None
     """The outermost module running when the first call or mixing operation was seen: where
     the layer stacks are looked for when the attribution was given no model."""
@@ -321,7 +324,14 @@ class Recorder:
         output = _CapturedProbs.apply(self, record, self.anchor(probs.device), probs)
         return self._keep(record, output)
 
+    def _note_output_rows(self, record: CallRecord, grad: Tensor) -> None:
+        if record.index == len(self.records) - 1:
+            batch, heads, n_query, _ = record.shape
+            used = grad.detach().reshape(batch, heads, n_query, -1).abs().amax((1, 3)) > 0
+            self.output_rows = used
+
     def backward_call(self, record: CallRecord, call: AttentionCall, grad_output: Tensor):
+        self._note_output_rows(record, grad_output)
         reader = self.reader
         if reader is not None:
             reader.begin_layer(record.index, record.shape)
@@ -343,7 +353,10 @@ class Recorder:
         return grads
 
     def backward_probs(self, record: CallRecord, grad_probs: Tensor) -> None:
-        if self.reader is None or record.superseded:
+        if record.superseded:
+            return
+        self._note_output_rows(record, grad_probs)
+        if self.reader is None:
             return
         assert record.probs is not None
         probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
