@@ -18,6 +18,7 @@ crash inside the model caused by the capture, is a failure.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import traceback
 from dataclasses import dataclass
@@ -201,8 +202,15 @@ def integrated_gradients_outcome(model, forward, values: tuple) -> str:
     internal batch: the check is that it runs, not its convergence."""
     from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
-    def run(*v):
-        return forward(model, *v)
+    def run(*v):  # no cache: a model may update it in place (RWKV), which no gradient allows
+        use_cache = getattr(model.config, "use_cache", None) if hasattr(model, "config") else None
+        if use_cache:
+            model.config.use_cache = False
+        try:
+            return forward(model, *v)
+        finally:
+            if use_cache:
+                model.config.use_cache = use_cache
 
     embeddings = None if values[0].is_floating_point() else model.get_input_embeddings()
     try:
@@ -464,16 +472,18 @@ def plain_forward(kind: str, model, inputs: dict) -> torch.Tensor:
         return select(kind, model(**inputs))
 
 
-def reference_rows(kind: str, model, inputs: dict, read: list[int], target: int) -> torch.Tensor:
-    """Row ``read`` of R minus the identity, from output_attentions at eager, in float64 where
-    the model's kernels allow it (grouped expert matmuls and some masks don't: float32 there)."""
+def reference_rows(kind: str, model, inputs: dict, read: list[int], target: int):
+    """The rows of R minus the identity that the output is read from, from output_attentions
+    at eager, in float64 where the model's kernels allow it (grouped expert matmuls and some
+    masks don't: float32 there); and the ``token_index`` that reads them (see
+    :func:`read_weights`)."""
     try:
         return _reference_rows(kind, model, inputs, read, target, torch.float64)
     except RuntimeError:
         return _reference_rows(kind, model, inputs, read, target, torch.float32)
 
 
-def _reference_rows(kind, model, inputs, read, target, dtype) -> torch.Tensor:
+def _reference_rows(kind, model, inputs, read, target, dtype):
     try:
         attentions = _returned_attentions(kind, model, inputs, target, dtype)
     except (NotRun, RuntimeError) as error:
@@ -482,7 +492,46 @@ def _reference_rows(kind, model, inputs, read, target, dtype) -> torch.Tensor:
             attentions = _softmax_attentions(kind, model, inputs, target, dtype)
         except NotRun as second:
             raise NotRun(f"{error}; {second}") from error
-    return _relevance_rows(kind, attentions, read, inputs.get("attention_mask"))
+    used = _used_rows(attentions[-1])
+    mask = inputs.get("attention_mask")
+    real = mask.bool() if mask is not None and mask.shape == used.shape else None
+    weights, fix = read_weights(used, real)
+    if weights is None:
+        raise Combined(
+            f"the output combines the states of tokens {used[0].nonzero().flatten().tolist()}"
+        )
+    return _relevance_rows(attentions, weights), fix
+
+
+class Combined(NotRun):
+    """The output combines several tokens' states otherwise than by a mean: no row read is
+    the rule's; ``token_index="auto"`` must refuse."""
+
+
+def _used_rows(last) -> torch.Tensor:
+    """Bool ``(B, N)``: the query rows of the last attention map that get a gradient, i.e. the
+    tokens whose final states the output is computed from (in the reference's own backward)."""
+    if last.grad is None:
+        raise NotRun("the last attention map is off the gradient path")
+    return last.grad.abs().amax((1, 3)) > 0
+
+
+def read_weights(used: torch.Tensor, real: torch.Tensor | None):
+    """Row weights ``(B, N)`` of the read, and the ``token_index`` (and prefix) that reads them:
+    one token per example (CLS, the last token), or the mean of every real token after the
+    first ``k`` (a mean-pooled model). ``(None, None)`` for another combination."""
+    batch, size = used.shape
+    real = torch.ones_like(used) if real is None else real
+    if bool((used.sum(1) == 1).all()):
+        index = used.int().argmax(1)
+        return torch.nn.functional.one_hot(index, size).double(), {"token_index": index}
+    first = used.int().argmax(1)
+    positions = torch.arange(size).expand(batch, size)
+    mean = real & (positions >= first[:, None])
+    if bool((first == first[0]).all()) and torch.equal(mean, used):
+        fix = {"token_index": "mean", "num_prefix_tokens": int(first[0])}
+        return mean.double() / mean.sum(1, keepdim=True), fix
+    return None, None
 
 
 def _returned_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
@@ -542,24 +591,17 @@ def _softmax_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor
     return captured
 
 
-def _relevance_rows(kind, attentions, read, mask) -> torch.Tensor:
+def _relevance_rows(attentions, weights: torch.Tensor) -> torch.Tensor:
     maps = [a.detach().double().nan_to_num(0.0) for a in attentions]
     grads = [
         a.grad.double().nan_to_num(0.0) if a.grad is not None else torch.zeros_like(m)
         for a, m in zip(attentions, maps)
     ]
-    if kind != "image" and bool((maps[0][1].sum((0,)).triu(1) == 0).all()):
-        read = [LENGTH - 1] * BATCH  # causal attention reads the last real token
-        if mask is not None and mask.shape[-1] == LENGTH:
-            read = [int(row.nonzero().max()) for row in mask]
-    elif kind != "image":
-        read = [0] * BATCH
     relevance = relevance_matrix(maps, grads)
-    rows = relevance[torch.arange(BATCH), torch.tensor(read)]
-    return rows - torch.nn.functional.one_hot(torch.tensor(read), rows.shape[1]).double()
+    return torch.einsum("bn,bnk->bk", weights, relevance) - weights
 
 
-def ours_rows(kind: str, model, inputs: dict, target: int) -> torch.Tensor:
+def ours_rows(kind: str, model, inputs: dict, target: int, **read) -> torch.Tensor:
     names = list(inputs)
 
     def forward(*values):
@@ -567,7 +609,22 @@ def ours_rows(kind: str, model, inputs: dict, target: int) -> torch.Tensor:
 
     values = tuple(inputs.values())
     explainer = CheferRelevance(forward, model)
-    return explainer.attribute(values[0], target, values[1:], output="token")
+    return explainer.attribute(values[0], target, values[1:], output="token", **read)
+
+
+def ours_as_read(run, fix: dict | None):
+    """Ours at ``token_index="auto"``; where auto refuses because the output is read from
+    other tokens, ours with the reference's read, and the note that auto refused.
+
+    A refusal of auto is right only where the reference reads other rows than auto would,
+    and it must name a fix that reads them: the comparison of the second run checks that."""
+    try:
+        return run(), ""
+    except ValueError as error:
+        if fix is None or "explain another output" not in str(error):
+            raise
+        shown = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in fix.items()}
+        return run(**fix), f"; auto refuses, naming the fix; read with {shown}"
 
 
 def from_package(error: BaseException) -> bool:
@@ -635,6 +692,8 @@ def encoder_decoder_outcome(model, inputs: dict) -> str:
             (ids, decoder_ids), target=1, additional_forward_args=(mask,)
         )
     except Exception as error:  # noqa: BLE001
+        if from_package(error):
+            return f"CheferEncoderDecoder refused: {_first_sentence(error)[:80]}"
         return f"CheferEncoderDecoder FAILED: {type(error).__name__}: {str(error)[:80]}"
     if any(m.shape != ids.shape or not bool(torch.isfinite(m).all()) for m in maps):
         return "CheferEncoderDecoder FAILED: maps of the wrong shape or non-finite"
@@ -645,17 +704,20 @@ def encoder_decoder_outcome(model, inputs: dict) -> str:
 
 def _chefer_outcome(family, kind, model, inputs, read, before) -> Outcome:
     name = type(model).__name__
+    fix, combined = None, ""
     try:
-        expected = reference_rows(kind, model, inputs, read, 1)
+        expected, fix = reference_rows(kind, model, inputs, read, 1)
+    except Combined as error:
+        expected, reason, combined = None, str(error), str(error)
     except NotRun as error:
         expected, reason = None, str(error)
     except Exception as error:  # noqa: BLE001
         expected, reason = None, f"reference: {type(error).__name__}: {str(error)[:60]}"
-    details = []
+    details, note = [], ""
     mask = inputs.get("attention_mask") if kind == "encoder" else None
     for label, variant in (("default", model), ("eager", _eager_copy(model))):
         try:
-            ours = ours_rows(kind, variant, inputs, 1)
+            ours, note = ours_as_read(functools.partial(ours_rows, kind, variant, inputs, 1), fix)
         except Exception as error:  # noqa: BLE001
             if not from_package(error):
                 return Outcome(family, name, "FAILED", f"{label}: crash {error!r}"[:200])
@@ -664,6 +726,8 @@ def _chefer_outcome(family, kind, model, inputs, read, before) -> Outcome:
                     return Outcome(family, name, "FAILED", f"{label}: attention not captured")
                 return Outcome(family, name, "no attention", _first_sentence(error))
             return Outcome(family, name, "refused", _first_sentence(error))
+        if combined:
+            return Outcome(family, name, "FAILED", f"{label}: auto read a map, but {combined}")
         if expected is None:
             return Outcome(family, name, "not run", f"no reference ({reason})")
         try:
@@ -677,7 +741,7 @@ def _chefer_outcome(family, kind, model, inputs, read, before) -> Outcome:
     if not torch.equal(before, after):
         return Outcome(family, name, "FAILED", "model output changed after attribution")
     implementation = model.config._attn_implementation
-    return Outcome(family, name, "exact", f"at {implementation} and eager")
+    return Outcome(family, name, "exact", f"at {implementation} and eager{note}")
 
 
 def _eager_copy(model):
@@ -725,8 +789,10 @@ def build_timm(name: str, extra: dict):
     raise NotRun("timm cannot build it")
 
 
-def timm_reference(model, pixels: torch.Tensor, target: int) -> torch.Tensor:
-    """CLS row of R minus the identity, with maps from hooks on ``attn_drop`` (eager, float64)."""
+def timm_reference(model, pixels: torch.Tensor, target: int):
+    """The read rows of R minus the identity, with maps from hooks on ``attn_drop`` (eager,
+    float64), read where the output gets a gradient from the last map's rows (the class
+    token, or the mean of the patches); and the ``token_index`` that reads them."""
     reference = copy.deepcopy(model).double()
     for module in reference.modules():
         if getattr(module, "fused_attn", None) is True:
@@ -749,9 +815,10 @@ def timm_reference(model, pixels: torch.Tensor, target: int) -> torch.Tensor:
             handle.remove()
     if not captured:
         raise NotRun("no attn_drop module to read the maps from")
-    maps = [a.detach() for a in captured]
-    relevance = relevance_matrix(maps, [a.grad for a in captured])
-    return relevance[:, 0] - torch.nn.functional.one_hot(torch.zeros(2).long(), relevance.shape[1])
+    weights, fix = read_weights(_used_rows(captured[-1]), None)
+    if weights is None:
+        raise Combined("the output combines several tokens' states")
+    return _relevance_rows(captured, weights), fix
 
 
 def sweep_timm(family: str) -> Outcome:
@@ -764,26 +831,33 @@ def sweep_timm(family: str) -> Outcome:
             before = model(pixels)
     except NotRun as error:
         return Outcome(family, name, "not run", str(error))
+    try:
+        expected, fix = timm_reference(model, pixels, 1)
+    except Combined as error:
+        expected, fix, reason = None, None, str(error)
+    except NotRun as error:
+        expected, fix, reason = None, None, f"no reference ({error})"
+    note = ""
     for label, variant in (("default", model), ("eager", _timm_eager(model))):
+        explainer = CheferRelevance(variant)
         try:
-            ours = CheferRelevance(variant).attribute(pixels, 1, output="token")
+            run = functools.partial(explainer.attribute, pixels, 1, output="token")
+            ours, note = ours_as_read(run, fix)
         except Exception as error:  # noqa: BLE001
             if not from_package(error):
                 return Outcome(family, name, "FAILED", f"{label}: crash {error!r}"[:200])
             refused = Outcome(family, name, "refused", _first_sentence(error))
             refused.lrp = lrp_outcome(model, lambda m, x: m(x), (pixels,))
             return refused
-        try:
-            expected = timm_reference(model, pixels, 1)
-        except NotRun as error:
-            return Outcome(family, name, "not run", f"no reference ({error})")
+        if expected is None:
+            return Outcome(family, name, "not run", reason)
         mismatch = compare(ours, expected, None)
         if mismatch:
             return Outcome(family, name, "FAILED", f"{label}: {mismatch}")
     with torch.no_grad():
         if not torch.equal(before, model(pixels)):
             return Outcome(family, name, "FAILED", "model output changed after attribution")
-    outcome = Outcome(family, name, "exact", "fused and eager")
+    outcome = Outcome(family, name, "exact", f"fused and eager{note}")
     outcome.lrp = lrp_outcome(model, lambda m, x: m(x), (pixels,))
     return outcome
 

@@ -39,3 +39,5 @@ def _check(outcome: family_sweep.Outcome) -> None:
         pytest.skip(f"the sweep cannot run {outcome.family} generically: {outcome.detail}")
     assert outcome.result in ("exact", "refused", "no attention"), outcome.detail
     assert outcome.lrp and "FAILED" not in outcome.lrp, outcome.lrp
+    if outcome.result in ("refused", "no attention"):  # some fix the refusal names must work
+        assert " ok" in f" {outcome.lrp}", outcome.lrp

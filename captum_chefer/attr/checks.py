@@ -119,8 +119,10 @@ MANY_LENGTHS = (
 )
 FIXES = (
     "For a CLIP or SigLIP model use CheferDualEncoder, for an encoder-decoder "
-    "CheferEncoderDecoder; otherwise explain the model with a gradient method, e.g. "
-    "captum.attr.IntegratedGradients or captum.attr.LayerGradCam."
+    "CheferEncoderDecoder (a decoder that attends over the encoder and itself in one call, as "
+    "T5Gemma 2's merged attention, is not a two-stream model: use AttnLRP); otherwise explain "
+    "the model with captum_chefer.AttnLRP(model), which goes through every operation, or a "
+    "gradient method, e.g. captum.attr.IntegratedGradients or captum.attr.LayerGradCam."
 )
 NOT_A_CHAIN = (
     "{name}: attention layer {layer} does not depend on layer {after}, so the captured layers "

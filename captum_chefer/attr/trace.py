@@ -220,5 +220,6 @@ def _hint(model: nn.Module | None) -> str:
         "call captum_chefer.mark_attention() on the softmax output in its attention code. A "
         "model without attention (a CNN, a state-space model) has no attention to explain: use "
         "a gradient method, e.g. captum.attr.LayerIntegratedGradients on its embedding layer "
-        "(or IntegratedGradients on the pixels)."
+        "(or IntegratedGradients on the pixels), with use_cache=False where the model updates "
+        "a cache in place (RWKV)."
     )
