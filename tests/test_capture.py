@@ -915,3 +915,26 @@ def test_an_output_taken_at_a_padding_position_is_refused():
 
     with pytest.raises(ValueError, match="padding position.*pad on the left"):
         CheferRelevance(forward, model).attribute(ids, target=1, additional_forward_args=(mask,))
+
+
+def test_rotating_feature_halves_as_rotary_embeddings_do_is_not_a_shift():
+    """``cat((-x2, x1), -1)`` over the features (rotate_half) with as many features as tokens,
+    on the values too: no token moves, and the map is exact."""
+
+    class RotatedValues(MixerLayers):
+        def forward(self, ids):
+            x = self.embed(ids)
+            for layer in self.layers:
+                q, k, v = layer(x).chunk(3, -1)
+                q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in (q, k, v))
+                v = torch.cat((-v[..., 4:], v[..., :4]), -1)  # rotate_half on 8 features
+                attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)
+                x = x + (attn @ v).transpose(1, 2).flatten(2)
+            return self.head(x[:, 0])
+
+    model = RotatedValues(("attention", "attention")).eval()
+    ids = _ids(size=8, seed=14) % 50  # 8 tokens, 8 features per head
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token")
+    weights = torch.zeros(8)
+    weights[0] = 1.0
+    assert_close(ours, _pooled_reference(model, ids, weights))

@@ -354,32 +354,46 @@ def token_shifts(
         []
     """
     if func in _CAT:
-        return _shifted_slices(args, kwargs)
+        pieces = args[0] if args else kwargs.get("tensors", ())
+        rank = pieces[0].dim() if pieces and isinstance(pieces[0], Tensor) else 0
+        return _features_kept(_shifted_slices(args, kwargs), rank)
     tensor = args[0] if args else kwargs.get("input")
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
         return []
+    return _features_kept(_shifts(func, tensor, args, kwargs), tensor.dim())
+
+
+def _features_kept(found: list[tuple[str, int, int]], rank: int) -> list[tuple[str, int]]:
+    """Shifts along the tokens only: the last axis of a tensor of three or more is features
+    (rotary embeddings rotate halves of it; the scores' path aside, that moves no token)."""
+    return [(text, size) for text, size, dim in found if rank < 3 or dim != rank - 1]
+
+
+def _shifts(
+    func: Callable[..., Any], tensor: Tensor, args: tuple, kwargs: dict[str, Any]
+) -> list[tuple[str, int, int]]:
     if func is F.pad:
         pad = args[1] if len(args) > 1 else kwargs["pad"]
         pairs = zip(pad[::2], pad[1::2])
         return [
-            (f"pad shifting dim {tensor.dim() - 1 - i} by {before}", tensor.shape[-1 - i])
-            for i, (before, after) in enumerate(pairs)
+            (f"pad shifting dim {dim} by {before}", tensor.shape[dim], dim)
+            for dim, (before, after) in zip(range(tensor.dim() - 1, -1, -1), pairs)
             if before * after < 0
         ]
     shifts = args[1] if len(args) > 1 else kwargs["shifts"]
     dims = args[2] if len(args) > 2 else kwargs.get("dims")
     if dims is None:
-        return [("roll over the flattened tensor", tensor.numel())]
+        return [("roll over the flattened tensor", tensor.numel(), -1)]
     shifts = shifts if isinstance(shifts, (tuple, list)) else (shifts,)
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
     return [
-        (f"roll over dim {dim % tensor.dim()}", tensor.shape[dim])
+        (f"roll over dim {dim % tensor.dim()}", tensor.shape[dim], dim % tensor.dim())
         for shift, dim in zip(shifts, dims)
         if shift and tensor.shape[dim] > 1
     ]
 
 
-def _shifted_slices(args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, int]]:
+def _shifted_slices(args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, int, int]]:
     """The slices that ``torch.cat`` puts back at another offset along the axis they were
     cut from, in a tensor as long as the one sliced (``cat([state, v[:, :-1]], 1)``: a time
     shift). A slice put back where it was (a class token kept in front) moves nothing."""
@@ -392,7 +406,8 @@ def _shifted_slices(args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, int]
         return []
     dim %= rank
     total = sum(piece.shape[dim] for piece in pieces)
-    found, offset = [], 0
+    found: list[tuple[str, int, int]] = []
+    offset = 0
     for piece in pieces:
         node = piece.grad_fn
         if type(node).__name__ == "SliceBackward0" and node._saved_dim % rank == dim:
@@ -401,7 +416,7 @@ def _shifted_slices(args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, int]
             start = start - 2**64 if start >= 2**63 else start  # stored unsigned
             start = start + size if start < 0 else start
             if size == total and offset != start:
-                found.append((f"cat shifting dim {dim} by {offset - start}", total))
+                found.append((f"cat shifting dim {dim} by {offset - start}", total, dim))
         offset += piece.shape[dim]
     return found
 
