@@ -143,9 +143,21 @@ QUIRKS = {
     "reformer": {"axial_pos_embds": False, "attn_layers": ["local", "lsh"]},  # factor sums
     "levit": {"patch_size": 16, "image_size": 64},  # its stem always downsamples 16 times
     "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares 15 of its 35 layers
+    "gemma3n": {  # its vision tower is timm's 300M MobileNetV5, built by name
+        "vision_config": {"model_args": {"channel_multiplier": 0.1}}
+    },
     "cohere_compass_text": {  # its default has no rope parameters for its layer type
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
     },
+    "mobilevitv2": {
+        "patch_size": 2,
+        "image_size": 64,
+        "width_multiplier": 0.25,
+    },  # it downsamples 32 times, then unfolds
+    "dbrx": {  # its attention reads a theta its config lacks, and clamps at a None clip
+        "attn_config": {"rope_theta": 1e4, "clip_qkv": 8.0}
+    },
+    "xlstm": {"hidden_size": 128, "embedding_dim": 128},  # its config rounds q/k widths to 64
     "swin": _SWIN,
     "swinv2": _SWIN,
     "donut-swin": _SWIN,
@@ -207,11 +219,12 @@ def hf_families() -> list[str]:
     return sorted(set().union(*names))
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, deep: bool = False):
     """The family's default config with its sizes shrunk, dropout off.
 
     A size the config's validators reject is repaired: a key/value head count made equal to
-    the query heads, or any other size the error names set back to its default.
+    the query heads, or any other size the error names set back to its default. ``deep`` also
+    shrinks what only a model over the parameter cap needs (see :func:`deep_kwargs`).
     """
     from transformers import CONFIG_MAPPING
 
@@ -223,7 +236,8 @@ def tiny_config(family: str):
     try:
         if default is None:
             default = config_class(**QUIRKS.get(family, {}))
-        return config_class(**valid_kwargs(config_class, default, tiny_kwargs(default)))
+        kwargs = tiny_kwargs(default, deep)
+        return config_class(**valid_kwargs(config_class, default, kwargs))
     except Exception as error:  # noqa: BLE001 - any config error means "cannot shrink"
         message = " ".join(_message(error).split())
         raise NotRun(f"config: {type(error).__name__}: {message[:100]}") from error
@@ -275,7 +289,7 @@ def _repair(kwargs: dict, default, error: BaseException) -> dict | None:
     return None
 
 
-def tiny_kwargs(default) -> dict:
+def tiny_kwargs(default, deep: bool = False) -> dict:
     """Constructor arguments that shrink ``default``'s sizes and switch dropout off.
 
     Only integer sizes the config already has are set; properties are left alone; sub-configs
@@ -299,6 +313,10 @@ def tiny_kwargs(default) -> dict:
             and "hidden_size" in kwargs
         ):
             kwargs[name] = kwargs["hidden_size"]
+    nope, rope = _read(default, "qk_nope_head_dim"), _read(default, "qk_rope_head_dim")
+    if "head_dim" in kwargs and isinstance(nope, int) and isinstance(rope, int):
+        if _read(default, "head_dim") == nope + rope:  # a latent head is its two parts
+            kwargs["head_dim"] = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]
     if _read(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # latent attention
     layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
@@ -310,7 +328,8 @@ def tiny_kwargs(default) -> dict:
         elif isinstance(value, PretrainedConfig):
             derived = ("per_layer_config",)  # keyed by the default's layer indexes: re-derived
             settings = {k: v for k, v in value.to_dict().items() if k not in derived}
-            kwargs[name] = valid_kwargs(type(value), value, {**settings, **tiny_kwargs(value)})
+            shrunk = tiny_kwargs(value, deep)
+            kwargs[name] = valid_kwargs(type(value), value, {**settings, **shrunk})
         elif isinstance(value, (list, tuple)) and len(value) == layers and layers > 1:
             try:
                 kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
@@ -326,10 +345,79 @@ def tiny_kwargs(default) -> dict:
     for name in ("num_hidden_layers", "num_layers"):
         if patterns and name in kwargs:
             kwargs[name] = count
+    if deep:
+        kwargs.update(deep_kwargs(default, kwargs))
     for name, value in QUIRKS.get(getattr(default, "model_type", ""), {}).items():
         nested = isinstance(value, dict) and isinstance(kwargs.get(name), dict)
         kwargs[name] = {**kwargs[name], **value} if nested else value  # a sub-config's setting
     return kwargs
+
+
+WIDTHS = ("channels", "hidden_sizes", "dims", "widths")
+"""Names of per-stage width lists (a CNN's channels), capped at the tiny hidden size."""
+
+
+def deep_kwargs(default, kwargs: dict) -> dict:
+    """More shrinking, for a model still over the parameter cap: per-stage width lists capped
+    (the same cap on every entry, so a stage's output still meets the next one's input), and
+    per-layer overrides (a layer type's own head count or rank) shrunk like the global sizes,
+    at the tiny layers of that type.
+    """
+    cap = TINY["hidden_size"]
+    deep: dict = {}
+    for name, value in vars(default).items():
+        if name in TINY or name in kwargs or isinstance(value, bool):
+            continue
+        words = name.lower()
+        if isinstance(value, (list, tuple)) and any(w in words for w in WIDTHS):
+            if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                deep[name] = type(value)(min(v, cap) for v in value)
+    overrides = _layer_overrides(default, kwargs)
+    if overrides is not None:
+        deep["per_layer_config"] = overrides
+    return deep
+
+
+def _layer_overrides(default, kwargs: dict) -> dict | None:
+    """The default's per-layer overrides, shrunk, at the tiny layers of the same kinds."""
+    try:
+        per_layer = default.to_dict().get("per_layer_config")
+    except Exception:  # noqa: BLE001
+        return None
+    if not per_layer:
+        return None
+    per_layer = {int(i): values for i, values in per_layer.items()}
+    layers = kwargs.get("num_hidden_layers", kwargs.get("num_layers"))
+    patterns = [
+        name
+        for name, value in kwargs.items()
+        if isinstance(value, list)
+        and len(value) == layers
+        and isinstance(vars(default).get(name), list)
+    ]
+    shrunk: dict = {}
+    for i in range(layers or 0):
+        kinds = [kwargs[name][i] for name in patterns]
+        same = [
+            j
+            for j in range(len(vars(default)[patterns[0]]) if patterns else 0)
+            if [vars(default)[name][j] for name in patterns] == kinds
+        ]
+        if not same or same[0] not in per_layer:
+            continue
+        values = {
+            k: kwargs.get(k, TINY.get(k, v)) if isinstance(v, int) and k in TINY else v
+            for k, v in per_layer[same[0]].items()
+        }
+        if values.get("kv_lora_rank") and "num_attention_heads" in values:  # latent attention
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        parts = ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
+        was = [per_layer[same[0]].get(k, _read(default, k)) for k in parts]
+        now = [values.get(k, kwargs.get(k)) for k in parts]
+        if all(isinstance(v, int) for v in was + now[1:]) and was[0] == was[1] + was[2]:
+            values["head_dim"] = now[1] + now[2]  # a latent head is its two parts
+        shrunk[i] = values
+    return shrunk
 
 
 def _read(config, name: str):
@@ -379,6 +467,8 @@ def build_hf(family: str):
             size = sum(p.numel() for p in model_class(config).parameters())
     except Exception as error:  # noqa: BLE001
         raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+    if size > MAX_PARAMETERS:  # shrink what only a model this large needs
+        config, size = _deep_config(family, model_class, config, size)
     if size > MAX_PARAMETERS:
         raise NotRun(f"{size / 1e6:.0f}M parameters after shrinking")
     torch.manual_seed(0)
@@ -394,6 +484,19 @@ def build_hf(family: str):
     if languages and hasattr(model, "set_default_language"):  # X-MOD's language adapters
         model.set_default_language(languages[0])
     return kind, model
+
+
+def _deep_config(family: str, model_class, config, size: int):
+    """``tiny_config(family, deep=True)`` and its size, or ``config`` and ``size`` unchanged."""
+    try:
+        deep = tiny_config(family, deep=True)
+        if type(deep) is not type(config):  # built from the text config, as above
+            deep = deep.get_text_config(decoder=not hasattr(deep, "text_config"))
+        with torch.device("meta"):
+            deep_size = sum(p.numel() for p in model_class(deep).parameters())
+    except Exception:  # noqa: BLE001 - the deeper shrink is not valid: report the size
+        return config, size
+    return (deep, deep_size) if deep_size < size else (config, size)
 
 
 def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
