@@ -142,6 +142,17 @@ QUIRKS = {
     },
     "reformer": {"axial_pos_embds": False, "attn_layers": ["local", "lsh"]},  # factor sums
     "levit": {"patch_size": 16, "image_size": 64},  # its stem always downsamples 16 times
+    "shieldgemma2": {  # 2x2 image tokens in the tiny vocabulary, its yes/no tokens in it too
+        "mm_tokens_per_image": 4,
+        "image_token_index": 98,
+        "yes_token_index": 5,
+        "no_token_index": 6,
+    },
+    "blt": {  # its cache is built from a config with no layer count; the global width is
+        "use_cache": False,  # repeated in the local models' configs
+        "encoder_config": {"hidden_size_global": 32},
+        "decoder_config": {"hidden_size_global": 32},
+    },
     "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares 15 of its 35 layers
     "gemma3n": {  # its vision tower is timm's 300M MobileNetV5, built by name
         "vision_config": {"model_args": {"channel_multiplier": 0.1}}
@@ -314,9 +325,9 @@ def tiny_kwargs(default, deep: bool = False) -> dict:
         ):
             kwargs[name] = kwargs["hidden_size"]
     nope, rope = _read(default, "qk_nope_head_dim"), _read(default, "qk_rope_head_dim")
-    if "head_dim" in kwargs and isinstance(nope, int) and isinstance(rope, int):
-        if _read(default, "head_dim") == nope + rope:  # a latent head is its two parts
-            kwargs["head_dim"] = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]
+    latent = isinstance(nope, int) and isinstance(rope, int)
+    if "head_dim" in kwargs and latent and _read(default, "head_dim") == nope + rope:
+        kwargs["head_dim"] = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]  # its parts
     if _read(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # latent attention
     layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
@@ -369,9 +380,9 @@ def deep_kwargs(default, kwargs: dict) -> dict:
         if name in TINY or name in kwargs or isinstance(value, bool):
             continue
         words = name.lower()
-        if isinstance(value, (list, tuple)) and any(w in words for w in WIDTHS):
-            if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                deep[name] = type(value)(min(v, cap) for v in value)
+        widths = isinstance(value, (list, tuple)) and any(w in words for w in WIDTHS)
+        if widths and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            deep[name] = type(value)(min(v, cap) for v in value)
     overrides = _layer_overrides(default, kwargs)
     if overrides is not None:
         deep["per_layer_config"] = overrides
@@ -503,16 +514,36 @@ def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
     """Keyword inputs and the read token of each example."""
     config = model.config
     generator = torch.Generator().manual_seed(1)
+    if kind == "image" and "spatial_shapes" in inspect.signature(model.forward).parameters:
+        vision = getattr(config, "vision_config", config)  # NaFlex: patches cut beforehand
+        width = vision.num_channels * vision.patch_size**2
+        pixels = torch.randn(BATCH, 16, width, generator=generator)
+        shapes = torch.tensor([[4, 4]] * BATCH)
+        mask = torch.ones(BATCH, 16, dtype=torch.long)
+        return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}, [
+            0
+        ] * BATCH
     if kind == "image":
-        channels = getattr(config, "num_channels", 3)
-        size = getattr(config, "image_size", 32)
+        vision = getattr(config, "vision_config", config)
+        channels = getattr(vision, "num_channels", 3)
+        size = getattr(vision, "image_size", 32)
         size = size[0] if isinstance(size, (list, tuple)) else size
         pixels = torch.randn(BATCH, channels, size, size, generator=generator)
+        image_token = getattr(config, "image_token_index", None)
+        if "input_ids" in inspect.signature(model.forward).parameters and image_token is not None:
+            ids = torch.randint(3, 90, (BATCH, LENGTH), generator=generator)  # a prompt's
+            ids[:, 1 : 1 + config.mm_tokens_per_image] = image_token  # image tokens
+            mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+            inputs = {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+            return inputs, [LENGTH - 1] * BATCH  # a decoder's verdict at the last token
         return {"pixel_values": pixels}, [0] * BATCH
     vocab = getattr(config, "vocab_size", 99)
     ids = torch.randint(3, min(vocab, 99), (BATCH, LENGTH), generator=generator)
     mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
     eos = getattr(config, "eos_token_id", None)
+    codebooks = getattr(config, "num_codebooks", None)
+    if kind == "causal" and isinstance(codebooks, int) and codebooks > 1:  # MusicGen's decoder
+        ids = torch.randint(3, min(vocab, 99), (BATCH * codebooks, LENGTH), generator=generator)
     if kind == "encoder":
         mask[1, -2:] = 0
         ids[1, -2:] = 0
@@ -526,6 +557,8 @@ def select(kind: str, output) -> torch.Tensor:
     logits = getattr(output, "logits", None)
     if logits is None and kind == "image":  # PP-LCNet returns its logits as last_hidden_state
         logits = output.last_hidden_state
+    if logits.shape[0] != BATCH:  # a row per example and codebook (MusicGen): codebook 0's
+        logits = logits.reshape(BATCH, -1, *logits.shape[1:])[:, 0]
     return logits[:, -1] if kind == "causal" else logits
 
 
