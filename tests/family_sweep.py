@@ -113,6 +113,15 @@ _SWIN = {
     "num_heads": [2, 2],
     "window_size": 2,
 }
+_GEMMA4_DRAFT = {  # a draft model's validators: no per-layer inputs, every layer's KV shared
+    "text_config": {
+        "hidden_size_per_layer_input": 0,
+        "vocab_size_per_layer_input": 0,
+        "enable_moe_block": False,
+        "use_double_wide_mlp": False,
+        "num_kv_shared_layers": 0,  # 0: all of the tiny layers
+    }
+}
 QUIRKS = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "big_bird": {"attention_type": "original_full"},
@@ -153,6 +162,12 @@ QUIRKS = {
         "encoder_config": {"hidden_size_global": 32},
         "decoder_config": {"hidden_size_global": 32},
     },
+    "dots3_note": {  # its adapters' output width is the text hidden size, set apart
+        "vision_config": {"adapter_out_dim": 32},
+        "audio_config": {"adapter_out_dim": 32},
+    },
+    "gemma4_assistant": _GEMMA4_DRAFT,
+    "gemma4_unified_assistant": _GEMMA4_DRAFT,
     "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares 15 of its 35 layers
     "gemma3n": {  # its vision tower is timm's 300M MobileNetV5, built by name
         "vision_config": {"model_args": {"channel_multiplier": 0.1}}
@@ -502,7 +517,10 @@ def _deep_config(family: str, model_class, config, size: int):
     try:
         deep = tiny_config(family, deep=True)
         if type(deep) is not type(config):  # built from the text config, as above
-            deep = deep.get_text_config(decoder=not hasattr(deep, "text_config"))
+            try:
+                deep = deep.get_text_config()
+            except ValueError:
+                deep = deep.get_text_config(decoder=True)
         with torch.device("meta"):
             deep_size = sum(p.numel() for p in model_class(deep).parameters())
     except Exception:  # noqa: BLE001 - the deeper shrink is not valid: report the size
