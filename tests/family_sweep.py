@@ -166,6 +166,12 @@ QUIRKS = {
         "vision_config": {"adapter_out_dim": 32},
         "audio_config": {"adapter_out_dim": 32},
     },
+    "dory": {  # one input, one looped and one output layer (its defaults: 8 in, 8 out)
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "n_input_layers": 1,
+        "n_output_layers": 1,
+    },
     "gemma4_assistant": _GEMMA4_DRAFT,
     "gemma4_unified_assistant": _GEMMA4_DRAFT,
     "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares 15 of its 35 layers
@@ -492,7 +498,7 @@ def build_hf(family: str):
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
     except Exception as error:  # noqa: BLE001
-        raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+        raise NotRun(f"build: {type(error).__name__}: {_oneline(error)[:100]}") from error
     if size > MAX_PARAMETERS:  # shrink what only a model this large needs
         config, size = _deep_config(family, model_class, config, size)
     if size > MAX_PARAMETERS:
@@ -501,7 +507,7 @@ def build_hf(family: str):
     try:
         model = model_class(config).eval()
     except Exception as error:  # noqa: BLE001
-        raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+        raise NotRun(f"build: {type(error).__name__}: {_oneline(error)[:100]}") from error
     if getattr(config, "is_encoder_decoder", False) and "decoder_start_token_id" not in vars(
         config
     ):
@@ -724,7 +730,9 @@ def sweep_hf(family: str) -> Outcome:
     except NotRun as error:
         return Outcome(family, "", "not run", str(error))
     except Exception as error:  # noqa: BLE001 - the model does not run on generic inputs
-        return Outcome(family, "", "not run", f"forward: {type(error).__name__}: {str(error)[:90]}")
+        return Outcome(
+            family, "", "not run", f"forward: {type(error).__name__}: {_oneline(error)[:90]}"
+        )
     outcome = _chefer_outcome(family, kind, model, inputs, read, before)
     if outcome.result != "not run":
         names = list(inputs)
@@ -783,6 +791,11 @@ def _eager_copy(model):
     return eager
 
 
+def _oneline(error: BaseException) -> str:
+    """The error's message on one line (a table row)."""
+    return " ".join(str(error).split())
+
+
 def _first_sentence(error: BaseException) -> str:
     text = str(error).split(". ")[0]
     return text[:160]
@@ -790,7 +803,10 @@ def _first_sentence(error: BaseException) -> str:
 
 TIMM_FAMILIES = {
     "vit": ("vit_tiny_patch16_224", {}),
-    "vit (registers)": ("vit_base_patch16_reg4_gap_256", {"global_pool": "token"}),
+    "vit (registers)": (
+        "vit_base_patch16_reg4_gap_256",
+        {"class_token": True, "global_pool": "token"},
+    ),
     "deit (distilled)": ("deit_tiny_distilled_patch16_224", {}),
     "deit3": ("deit3_small_patch16_224", {}),
     "beit": ("beit_base_patch16_224", {}),
