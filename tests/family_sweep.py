@@ -566,7 +566,9 @@ def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
     mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
     eos = getattr(config, "eos_token_id", None)
     codebooks = getattr(config, "num_codebooks", None)
-    if kind == "causal" and isinstance(codebooks, int) and codebooks > 1:  # MusicGen's decoder
+    per_codebook = isinstance(model.get_input_embeddings(), torch.nn.ModuleList)
+    if kind == "causal" and per_codebook and isinstance(codebooks, int) and codebooks > 1:
+        # an embedding per codebook (MusicGen's decoder): a row per example and codebook
         ids = torch.randint(3, min(vocab, 99), (BATCH * codebooks, LENGTH), generator=generator)
     if kind == "encoder":
         mask[1, -2:] = 0
