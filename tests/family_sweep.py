@@ -566,8 +566,7 @@ def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
     mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
     eos = getattr(config, "eos_token_id", None)
     codebooks = getattr(config, "num_codebooks", None)
-    per_codebook = isinstance(model.get_input_embeddings(), torch.nn.ModuleList)
-    if kind == "causal" and per_codebook and isinstance(codebooks, int) and codebooks > 1:
+    if kind == "causal" and isinstance(codebooks, int) and codebooks > 1 and _per_codebook(model):
         # an embedding per codebook (MusicGen's decoder): a row per example and codebook
         ids = torch.randint(3, min(vocab, 99), (BATCH * codebooks, LENGTH), generator=generator)
     if kind == "encoder":
@@ -577,6 +576,14 @@ def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
             ids[0, -1] = ids[1, -3] = eos
         return {"input_ids": ids, "attention_mask": mask}, [0] * BATCH
     return {"input_ids": ids, "attention_mask": mask}, [LENGTH - 1] * BATCH
+
+
+def _per_codebook(model) -> bool:
+    """Whether the model embeds its ids with an embedding per codebook (MusicGen's decoder)."""
+    try:
+        return isinstance(model.get_input_embeddings(), torch.nn.ModuleList)
+    except NotImplementedError:  # a model that does not expose its embedding
+        return False
 
 
 def select(kind: str, output) -> torch.Tensor:
