@@ -114,6 +114,15 @@ _SWIN = {
     "num_heads": [2, 2],
     "window_size": 2,
 }
+_GEMMA4_DRAFT = {  # a draft model's validators: no per-layer inputs, every layer's KV shared
+    "text_config": {
+        "hidden_size_per_layer_input": 0,
+        "vocab_size_per_layer_input": 0,
+        "enable_moe_block": False,
+        "use_double_wide_mlp": False,
+        "num_kv_shared_layers": 0,  # 0: all of the tiny layers
+    }
+}
 QUIRKS = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "big_bird": {"attention_type": "original_full"},
@@ -143,10 +152,45 @@ QUIRKS = {
     },
     "reformer": {"axial_pos_embds": False, "attn_layers": ["local", "lsh"]},  # factor sums
     "levit": {"patch_size": 16, "image_size": 64},  # its stem always downsamples 16 times
+    "shieldgemma2": {  # 2x2 image tokens in the tiny vocabulary, its yes/no tokens in it too
+        "mm_tokens_per_image": 4,
+        "image_token_index": 98,
+        "yes_token_index": 5,
+        "no_token_index": 6,
+    },
+    "blt": {  # its cache is built from a config with no layer count; the global width is
+        "use_cache": False,  # repeated in the local models' configs
+        "encoder_config": {"hidden_size_global": 32},
+        "decoder_config": {"hidden_size_global": 32},
+    },
+    "dots3_note": {  # its adapters' output width is the text hidden size, set apart
+        "vision_config": {"adapter_out_dim": 32},
+        "audio_config": {"adapter_out_dim": 32},
+    },
+    "dory": {  # one input, one looped and one output layer (its defaults: 8 in, 8 out)
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "n_input_layers": 1,
+        "n_output_layers": 1,
+    },
+    "gemma4_assistant": _GEMMA4_DRAFT,
+    "gemma4_unified_assistant": _GEMMA4_DRAFT,
     "gemma3n_text": {"num_kv_shared_layers": 0},  # the default shares 15 of its 35 layers
+    "gemma3n": {  # its vision tower is timm's 300M MobileNetV5, built by name
+        "vision_config": {"model_args": {"channel_multiplier": 0.1}}
+    },
     "cohere_compass_text": {  # its default has no rope parameters for its layer type
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
     },
+    "mobilevitv2": {
+        "patch_size": 2,
+        "image_size": 64,
+        "width_multiplier": 0.25,
+    },  # it downsamples 32 times, then unfolds
+    "dbrx": {  # its attention reads a theta its config lacks, and clamps at a None clip
+        "attn_config": {"rope_theta": 1e4, "clip_qkv": 8.0}
+    },
+    "xlstm": {"hidden_size": 128, "embedding_dim": 128},  # its config rounds q/k widths to 64
     "swin": _SWIN,
     "swinv2": _SWIN,
     "donut-swin": _SWIN,
@@ -248,11 +292,12 @@ def hf_families() -> list[str]:
     return sorted(set().union(*names))
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, deep: bool = False):
     """The family's default config with its sizes shrunk, dropout off.
 
     A size the config's validators reject is repaired: a key/value head count made equal to
-    the query heads, or any other size the error names set back to its default.
+    the query heads, or any other size the error names set back to its default. ``deep`` also
+    shrinks what only a model over the parameter cap needs (see :func:`deep_kwargs`).
     """
     from transformers import CONFIG_MAPPING
 
@@ -264,7 +309,8 @@ def tiny_config(family: str):
     try:
         if default is None:
             default = config_class(**QUIRKS.get(family, {}))
-        return config_class(**valid_kwargs(config_class, default, tiny_kwargs(default)))
+        kwargs = tiny_kwargs(default, deep)
+        return config_class(**valid_kwargs(config_class, default, kwargs))
     except Exception as error:  # noqa: BLE001 - any config error means "cannot shrink"
         message = " ".join(_message(error).split())
         raise NotRun(f"config: {type(error).__name__}: {message[:100]}") from error
@@ -316,7 +362,7 @@ def _repair(kwargs: dict, default, error: BaseException) -> dict | None:
     return None
 
 
-def tiny_kwargs(default) -> dict:
+def tiny_kwargs(default, deep: bool = False) -> dict:
     """Constructor arguments that shrink ``default``'s sizes and switch dropout off.
 
     Only integer sizes the config already has are set; properties are left alone; sub-configs
@@ -340,6 +386,10 @@ def tiny_kwargs(default) -> dict:
             and "hidden_size" in kwargs
         ):
             kwargs[name] = kwargs["hidden_size"]
+    nope, rope = _read(default, "qk_nope_head_dim"), _read(default, "qk_rope_head_dim")
+    latent = isinstance(nope, int) and isinstance(rope, int)
+    if "head_dim" in kwargs and latent and _read(default, "head_dim") == nope + rope:
+        kwargs["head_dim"] = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]  # its parts
     if _read(default, "kv_lora_rank") and "num_key_value_heads" in kwargs:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)  # latent attention
     layers = _read(default, "num_hidden_layers") or _read(default, "num_layers")
@@ -351,7 +401,8 @@ def tiny_kwargs(default) -> dict:
         elif isinstance(value, PretrainedConfig):
             derived = ("per_layer_config",)  # keyed by the default's layer indexes: re-derived
             settings = {k: v for k, v in value.to_dict().items() if k not in derived}
-            kwargs[name] = valid_kwargs(type(value), value, {**settings, **tiny_kwargs(value)})
+            shrunk = tiny_kwargs(value, deep)
+            kwargs[name] = valid_kwargs(type(value), value, {**settings, **shrunk})
         elif isinstance(value, (list, tuple)) and len(value) == layers and layers > 1:
             try:
                 kinds = list(dict.fromkeys(value))  # each kind of layer once, in order
@@ -367,10 +418,79 @@ def tiny_kwargs(default) -> dict:
     for name in ("num_hidden_layers", "num_layers"):
         if patterns and name in kwargs:
             kwargs[name] = count
+    if deep:
+        kwargs.update(deep_kwargs(default, kwargs))
     for name, value in QUIRKS.get(getattr(default, "model_type", ""), {}).items():
         nested = isinstance(value, dict) and isinstance(kwargs.get(name), dict)
         kwargs[name] = {**kwargs[name], **value} if nested else value  # a sub-config's setting
     return kwargs
+
+
+WIDTHS = ("channels", "hidden_sizes", "dims", "widths")
+"""Names of per-stage width lists (a CNN's channels), capped at the tiny hidden size."""
+
+
+def deep_kwargs(default, kwargs: dict) -> dict:
+    """More shrinking, for a model still over the parameter cap: per-stage width lists capped
+    (the same cap on every entry, so a stage's output still meets the next one's input), and
+    per-layer overrides (a layer type's own head count or rank) shrunk like the global sizes,
+    at the tiny layers of that type.
+    """
+    cap = TINY["hidden_size"]
+    deep: dict = {}
+    for name, value in vars(default).items():
+        if name in TINY or name in kwargs or isinstance(value, bool):
+            continue
+        words = name.lower()
+        widths = isinstance(value, (list, tuple)) and any(w in words for w in WIDTHS)
+        if widths and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            deep[name] = type(value)(min(v, cap) for v in value)
+    overrides = _layer_overrides(default, kwargs)
+    if overrides is not None:
+        deep["per_layer_config"] = overrides
+    return deep
+
+
+def _layer_overrides(default, kwargs: dict) -> dict | None:
+    """The default's per-layer overrides, shrunk, at the tiny layers of the same kinds."""
+    try:
+        per_layer = default.to_dict().get("per_layer_config")
+    except Exception:  # noqa: BLE001
+        return None
+    if not per_layer:
+        return None
+    per_layer = {int(i): values for i, values in per_layer.items()}
+    layers = kwargs.get("num_hidden_layers", kwargs.get("num_layers"))
+    patterns = [
+        name
+        for name, value in kwargs.items()
+        if isinstance(value, list)
+        and len(value) == layers
+        and isinstance(vars(default).get(name), list)
+    ]
+    shrunk: dict = {}
+    for i in range(layers or 0):
+        kinds = [kwargs[name][i] for name in patterns]
+        same = [
+            j
+            for j in range(len(vars(default)[patterns[0]]) if patterns else 0)
+            if [vars(default)[name][j] for name in patterns] == kinds
+        ]
+        if not same or same[0] not in per_layer:
+            continue
+        values = {
+            k: kwargs.get(k, TINY.get(k, v)) if isinstance(v, int) and k in TINY else v
+            for k, v in per_layer[same[0]].items()
+        }
+        if values.get("kv_lora_rank") and "num_attention_heads" in values:  # latent attention
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        parts = ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
+        was = [per_layer[same[0]].get(k, _read(default, k)) for k in parts]
+        now = [values.get(k, kwargs.get(k)) for k in parts]
+        if all(isinstance(v, int) for v in was + now[1:]) and was[0] == was[1] + was[2]:
+            values["head_dim"] = now[1] + now[2]  # a latent head is its two parts
+        shrunk[i] = values
+    return shrunk
 
 
 def _read(config, name: str):
@@ -419,14 +539,16 @@ def build_hf(family: str):
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
     except Exception as error:  # noqa: BLE001
-        raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+        raise NotRun(f"build: {type(error).__name__}: {_oneline(error)[:100]}") from error
+    if size > MAX_PARAMETERS:  # shrink what only a model this large needs
+        config, size = _deep_config(family, model_class, config, size)
     if size > MAX_PARAMETERS:
         raise NotRun(f"{size / 1e6:.0f}M parameters after shrinking")
     torch.manual_seed(0)
     try:
         model = model_class(config).eval()
     except Exception as error:  # noqa: BLE001
-        raise NotRun(f"build: {type(error).__name__}: {str(error)[:80]}") from error
+        raise NotRun(f"build: {type(error).__name__}: {_oneline(error)[:100]}") from error
     if getattr(config, "is_encoder_decoder", False) and "decoder_start_token_id" not in vars(
         config
     ):
@@ -437,20 +559,57 @@ def build_hf(family: str):
     return kind, model
 
 
+def _deep_config(family: str, model_class, config, size: int):
+    """``tiny_config(family, deep=True)`` and its size, or ``config`` and ``size`` unchanged."""
+    try:
+        deep = tiny_config(family, deep=True)
+        if type(deep) is not type(config):  # built from the text config, as above
+            try:
+                deep = deep.get_text_config()
+            except ValueError:
+                deep = deep.get_text_config(decoder=True)
+        with torch.device("meta"):
+            deep_size = sum(p.numel() for p in model_class(deep).parameters())
+    except Exception:  # noqa: BLE001 - the deeper shrink is not valid: report the size
+        return config, size
+    return (deep, deep_size) if deep_size < size else (config, size)
+
+
 def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
     """Keyword inputs and the read token of each example."""
     config = model.config
     generator = torch.Generator().manual_seed(1)
+    if kind == "image" and "spatial_shapes" in inspect.signature(model.forward).parameters:
+        vision = getattr(config, "vision_config", config)  # NaFlex: patches cut beforehand
+        width = vision.num_channels * vision.patch_size**2
+        pixels = torch.randn(BATCH, 16, width, generator=generator)
+        shapes = torch.tensor([[4, 4]] * BATCH)
+        mask = torch.ones(BATCH, 16, dtype=torch.long)
+        return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}, [
+            0
+        ] * BATCH
     if kind == "image":
-        channels = getattr(config, "num_channels", 3)
-        size = getattr(config, "image_size", 32)
+        vision = getattr(config, "vision_config", config)
+        channels = getattr(vision, "num_channels", 3)
+        size = getattr(vision, "image_size", 32)
         size = size[0] if isinstance(size, (list, tuple)) else size
         pixels = torch.randn(BATCH, channels, size, size, generator=generator)
+        image_token = getattr(config, "image_token_index", None)
+        if "input_ids" in inspect.signature(model.forward).parameters and image_token is not None:
+            ids = torch.randint(3, 90, (BATCH, LENGTH), generator=generator)  # a prompt's
+            ids[:, 1 : 1 + config.mm_tokens_per_image] = image_token  # image tokens
+            mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+            inputs = {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+            return inputs, [LENGTH - 1] * BATCH  # a decoder's verdict at the last token
         return {"pixel_values": pixels}, [0] * BATCH
     vocab = getattr(config, "vocab_size", 99)
     ids = torch.randint(3, min(vocab, 99), (BATCH, LENGTH), generator=generator)
     mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
     eos = getattr(config, "eos_token_id", None)
+    codebooks = getattr(config, "num_codebooks", None)
+    if kind == "causal" and isinstance(codebooks, int) and codebooks > 1 and _per_codebook(model):
+        # an embedding per codebook (MusicGen's decoder): a row per example and codebook
+        ids = torch.randint(3, min(vocab, 99), (BATCH * codebooks, LENGTH), generator=generator)
     if kind == "encoder":
         mask[1, -2:] = 0
         ids[1, -2:] = 0
@@ -460,10 +619,20 @@ def hf_inputs(kind: str, model) -> tuple[dict, list[int]]:
     return {"input_ids": ids, "attention_mask": mask}, [LENGTH - 1] * BATCH
 
 
+def _per_codebook(model) -> bool:
+    """Whether the model embeds its ids with an embedding per codebook (MusicGen's decoder)."""
+    try:
+        return isinstance(model.get_input_embeddings(), torch.nn.ModuleList)
+    except NotImplementedError:  # a model that does not expose its embedding
+        return False
+
+
 def select(kind: str, output) -> torch.Tensor:
     logits = getattr(output, "logits", None)
     if logits is None and kind == "image":  # PP-LCNet returns its logits as last_hidden_state
         logits = output.last_hidden_state
+    if logits.shape[0] != BATCH:  # a row per example and codebook (MusicGen): codebook 0's
+        logits = logits.reshape(BATCH, -1, *logits.shape[1:])[:, 0]
     return logits[:, -1] if kind == "causal" else logits
 
 
@@ -660,7 +829,9 @@ def sweep_hf(family: str) -> Outcome:
     except NotRun as error:
         return Outcome(family, "", "not run", str(error))
     except Exception as error:  # noqa: BLE001 - the model does not run on generic inputs
-        return Outcome(family, "", "not run", f"forward: {type(error).__name__}: {str(error)[:90]}")
+        return Outcome(
+            family, "", "not run", f"forward: {type(error).__name__}: {_oneline(error)[:90]}"
+        )
     outcome = _chefer_outcome(family, kind, model, inputs, read, before)
     if outcome.result != "not run":
         names = list(inputs)
@@ -754,6 +925,11 @@ def _eager_copy(model):
     return eager
 
 
+def _oneline(error: BaseException) -> str:
+    """The error's message on one line (a table row)."""
+    return " ".join(str(error).split())
+
+
 def _first_sentence(error: BaseException) -> str:
     text = str(error).split(". ")[0]
     return text[:160]
@@ -761,7 +937,10 @@ def _first_sentence(error: BaseException) -> str:
 
 TIMM_FAMILIES = {
     "vit": ("vit_tiny_patch16_224", {}),
-    "vit (registers)": ("vit_base_patch16_reg4_gap_256", {"global_pool": "token"}),
+    "vit (registers)": (
+        "vit_base_patch16_reg4_gap_256",
+        {"class_token": True, "global_pool": "token"},
+    ),
     "deit (distilled)": ("deit_tiny_distilled_patch16_224", {}),
     "deit3": ("deit3_small_patch16_224", {}),
     "beit": ("beit_base_patch16_224", {}),
