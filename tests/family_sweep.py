@@ -211,10 +211,10 @@ class Outcome:
     ``refused: …`` (a clear error from captum_chefer), or ``FAILED: …``."""
 
 
-def lrp_outcome(model, forward, values: tuple) -> str:
+def lrp_outcome(model, forward, values: tuple, refused: bool = True) -> str:
     """Run AttnLRP and CP-LRP on ``forward(model, *values)``; each must give finite maps of the
     inputs' shape and leave no mode or hook behind, or be refused by captum_chefer. Where both
-    refuse, the Integrated Gradients fix is run too."""
+    refuse and Chefer's rule was ``refused`` too, the Integrated Gradients fix is run."""
     from captum_chefer import CPLRP, AttnLRP
 
     results = []
@@ -235,7 +235,7 @@ def lrp_outcome(model, forward, values: tuple) -> str:
             return f"FAILED: {method.__name__} left a mode or hook behind"
         results.append("ok")
     summary = results[0] if results[0] == results[1] else " / ".join(results)
-    if all(result.startswith("refused") for result in results):
+    if refused and all(result.startswith("refused") for result in results):
         summary += "; " + integrated_gradients_outcome(model, forward, values)
     return summary
 
@@ -257,23 +257,32 @@ def integrated_gradients_outcome(model, forward, values: tuple) -> str:
                 model.config.use_cache = use_cache
 
     embeddings = None if values[0].is_floating_point() else model.get_input_embeddings()
+    name = "Layer IG" if embeddings is not None else "IG"
+    method = LayerIntegratedGradients(run, embeddings) if embeddings is not None else None
+    method = method or IntegratedGradients(run)
+    options = {"target": 1, "additional_forward_args": values[1:], "n_steps": 4}
     try:
-        if embeddings is not None:
-            method = LayerIntegratedGradients(run, embeddings)
-        else:
-            method = IntegratedGradients(run)
-        maps = method.attribute(
-            values[0],
-            target=1,
-            additional_forward_args=values[1:],
-            n_steps=4,
-            internal_batch_size=2,
-        )
+        maps = method.attribute(values[0], internal_batch_size=2, **options)
+    except AssertionError as error:  # Reformer's reversible layers back-propagate in training
+        if "model.train()" not in str(error):
+            return f"{name} FAILED: AssertionError: {str(error)[:80]}"
+        model.train()
+        try:
+            maps = method.attribute(values[0], internal_batch_size=2, **options)
+        finally:
+            model.eval()
+        name += " (in train mode, which the model asks for)"
     except Exception as error:  # noqa: BLE001
-        return f"Layer IG FAILED: {type(error).__name__}: {str(error)[:80]}"
-    if not bool(torch.isfinite(maps).all()) or not bool((maps != 0).any()):
-        return "Layer IG FAILED: non-finite or all-zero maps"
-    return "Layer IG ok" if embeddings is not None else "IG ok"
+        return f"{name} FAILED: {type(error).__name__}: {str(error)[:80]}"
+    if not bool(torch.isfinite(maps).all()):
+        return f"{name} FAILED: non-finite maps"
+    if not bool((maps != 0).any()):
+        with torch.no_grad():
+            constant = torch.equal(run(*values), run(torch.zeros_like(values[0]), *values[1:]))
+        if not constant:
+            return f"{name} FAILED: all-zero maps of an output that depends on the input"
+        name += " (all zero: this random-init model's output does not depend on the input)"
+    return f"{name} ok"
 
 
 class NotRun(Exception):
@@ -839,7 +848,8 @@ def sweep_hf(family: str) -> Outcome:
         def forward(m, *values):
             return select(kind, m(**dict(zip(names, values))))
 
-        outcome.lrp = lrp_outcome(model, forward, tuple(inputs.values()))
+        refused = outcome.result in ("refused", "no attention")
+        outcome.lrp = lrp_outcome(model, forward, tuple(inputs.values()), refused)
         if outcome.result == "refused" and model.config.is_encoder_decoder:
             outcome.lrp += "; " + encoder_decoder_outcome(model, inputs)
     return outcome
@@ -1016,6 +1026,8 @@ def sweep_timm(family: str) -> Outcome:
         expected, fix, reason = None, None, str(error)
     except NotRun as error:
         expected, fix, reason = None, None, f"no reference ({error})"
+    except RuntimeError as error:  # maps the rule does not define (CaiT's class attention)
+        expected, fix, reason = None, None, f"no reference ({_first_sentence(error)[:60]})"
     note = ""
     for label, variant in (("default", model), ("eager", _timm_eager(model))):
         explainer = CheferRelevance(variant)
@@ -1037,7 +1049,7 @@ def sweep_timm(family: str) -> Outcome:
         if not torch.equal(before, model(pixels)):
             return Outcome(family, name, "FAILED", "model output changed after attribution")
     outcome = Outcome(family, name, "exact", f"fused and eager{note}")
-    outcome.lrp = lrp_outcome(model, lambda m, x: m(x), (pixels,))
+    outcome.lrp = lrp_outcome(model, lambda m, x: m(x), (pixels,), refused=False)
     return outcome
 
 
