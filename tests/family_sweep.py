@@ -650,18 +650,18 @@ def plain_forward(kind: str, model, inputs: dict) -> torch.Tensor:
         return select(kind, model(**inputs))
 
 
-def reference_rows(kind: str, model, inputs: dict, read: list[int], target: int):
+def reference_rows(kind: str, model, inputs: dict, target: int):
     """The rows of R minus the identity that the output is read from, from output_attentions
     at eager, in float64 where the model's kernels allow it (grouped expert matmuls and some
     masks don't: float32 there); and the ``token_index`` that reads them (see
     :func:`read_weights`)."""
     try:
-        return _reference_rows(kind, model, inputs, read, target, torch.float64)
+        return _reference_rows(kind, model, inputs, target, torch.float64)
     except RuntimeError:
-        return _reference_rows(kind, model, inputs, read, target, torch.float32)
+        return _reference_rows(kind, model, inputs, target, torch.float32)
 
 
-def _reference_rows(kind, model, inputs, read, target, dtype):
+def _reference_rows(kind, model, inputs, target, dtype):
     try:
         attentions = _returned_attentions(kind, model, inputs, target, dtype)
     except (NotRun, RuntimeError) as error:
@@ -833,7 +833,7 @@ def sweep_hf(family: str) -> Outcome:
     """Build, run and check one transformers family: Chefer's rule, then AttnLRP and CP-LRP."""
     try:
         kind, model = build_hf(family)
-        inputs, read = hf_inputs(kind, model)
+        inputs, _ = hf_inputs(kind, model)
         before = plain_forward(kind, model, inputs)
     except NotRun as error:
         return Outcome(family, "", "not run", str(error))
@@ -841,7 +841,7 @@ def sweep_hf(family: str) -> Outcome:
         return Outcome(
             family, "", "not run", f"forward: {type(error).__name__}: {_oneline(error)[:90]}"
         )
-    outcome = _chefer_outcome(family, kind, model, inputs, read, before)
+    outcome = _chefer_outcome(family, kind, model, inputs, before)
     if outcome.result != "not run":
         names = list(inputs)
 
@@ -883,11 +883,11 @@ def encoder_decoder_outcome(model, inputs: dict) -> str:
     return "CheferEncoderDecoder ok"
 
 
-def _chefer_outcome(family, kind, model, inputs, read, before) -> Outcome:
+def _chefer_outcome(family, kind, model, inputs, before) -> Outcome:
     name = type(model).__name__
     fix, combined = None, ""
     try:
-        expected, fix = reference_rows(kind, model, inputs, read, 1)
+        expected, fix = reference_rows(kind, model, inputs, 1)
     except Combined as error:
         expected, reason, combined = None, str(error), str(error)
     except NotRun as error:

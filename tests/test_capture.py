@@ -696,6 +696,30 @@ class MixerLayers(nn.Module):
         return torch.softmax(self.head(x[:, 0]), -1)
 
 
+def _pooled_reference(model, ids, weights):
+    """Rows of R (float64, from the softmaxes' own gradients) weighted by ``weights`` (N,),
+    minus the identity's share: the map of a read over those tokens."""
+    keep: list[torch.Tensor] = []
+    original = torch.softmax
+
+    def softmax(scores, dim):
+        probs = original(scores, dim)
+        if probs.dim() == 4:  # attention, not a softmax over the classes
+            probs.retain_grad()
+            keep.append(probs)
+        return probs
+
+    reference = copy.deepcopy(model).double()
+    torch.softmax = softmax
+    try:
+        reference(ids)[:, 1].sum().backward()
+    finally:
+        torch.softmax = original
+    relevance = relevance_matrix([a.detach() for a in keep], [a.grad for a in keep])
+    weights = weights.double()
+    return torch.einsum("n,bnk->bk", weights, relevance) - weights
+
+
 @pytest.mark.parametrize(
     ("kinds", "named"),
     [
@@ -739,27 +763,7 @@ def test_softmax_attention_per_token_layers_and_a_class_softmax_are_explained_ex
     model = MixerLayers(("attention", "none", "attention"), classes=classes).eval()
     ids = _ids(seed=12) % 50
     ours = CheferRelevance(model).attribute(ids, target=1, output="token")
-    keep: list[torch.Tensor] = []
-    original = torch.softmax
-
-    def softmax(scores, dim):
-        probs = original(scores, dim)
-        if probs.dim() == 4:
-            probs.retain_grad()
-            keep.append(probs)
-        return probs
-
-    reference = copy.deepcopy(model).double()
-    torch.softmax = softmax
-    try:
-        reference(ids)[:, 1].sum().backward()
-    finally:
-        torch.softmax = original
-    expected = read_rows(
-        relevance_matrix([a.detach() for a in keep], [a.grad for a in keep]),
-        one_hot_rows([0, 0], 7),
-    )
-    assert_close(ours, expected)
+    assert_close(ours, _pooled_reference(model, ids, torch.eye(7)[0]))
 
 
 @pytest.mark.parametrize("kinds", [("attention", "none", "attention"), ("attention", "linear")])
@@ -845,29 +849,6 @@ class PooledEncoder(nn.Module):
         if self.pool == "mean":
             return head(x[:, self.skip :].mean(1))
         return (head(x[:, 0]) + self.second(x[:, 1])) / 2
-
-
-def _pooled_reference(model, ids, weights):
-    """Rows of R (float64, from the softmaxes' own gradients) weighted by ``weights`` (N,),
-    minus the identity's share: the map of a read over those tokens."""
-    keep: list[torch.Tensor] = []
-    original = torch.softmax
-
-    def softmax(scores, dim):
-        probs = original(scores, dim)
-        probs.retain_grad()
-        keep.append(probs)
-        return probs
-
-    reference = copy.deepcopy(model).double()
-    torch.softmax = softmax
-    try:
-        reference(ids)[:, 1].sum().backward()
-    finally:
-        torch.softmax = original
-    relevance = relevance_matrix([a.detach() for a in keep], [a.grad for a in keep])
-    weights = weights.double()
-    return torch.einsum("n,bnk->bk", weights, relevance) - weights
 
 
 @pytest.mark.parametrize(

@@ -156,9 +156,9 @@ def check_read_rows(
     """
     if output_rows is None or len(real) != 1:
         return
-    reads = [read for read in reads if isinstance(read.token_index, str)]
     for read in reads:
-        if read.token_index != "auto" or read.read_stream != read.stream:
+        auto = isinstance(read.token_index, str) and read.token_index == "auto"
+        if not auto or read.read_stream != read.stream:
             continue  # an explicit token_index is the user's choice
         rows, mask = weights[read.read_stream] != 0, real[read.read_stream]
         if rows.shape != output_rows.shape:

@@ -162,6 +162,8 @@ class Recorder:
     _by_output: dict[int, CallRecord] = field(default_factory=dict)
     _made: list[CallRecord] = field(default_factory=list)
     """Every record made, kept or not: :meth:`release` clears them all."""
+    _nodes: set[Any] = field(default_factory=set)
+    """The autograd nodes of the captured outputs, as they are captured."""
 
     def anchor(self, device: torch.device) -> Tensor:
         """The gradient leaf of ``device``, made on first use."""
@@ -216,13 +218,15 @@ class Recorder:
             op.node = None
         self._outputs.clear()
         self._by_output.clear()
+        self._nodes.clear()
 
     def captured_nodes(self) -> set[Any]:
         """The autograd nodes of the calls captured so far."""
-        return {record.node for record in self.records}
+        return self._nodes
 
     def _keep(self, record: CallRecord, output: Tensor) -> Tensor:
         record.node = output.grad_fn
+        self._nodes.add(output.grad_fn)
         self._outputs[id(output)] = output
         self._by_output[id(output)] = record
         return output
