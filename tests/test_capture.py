@@ -631,6 +631,49 @@ def test_hf_hybrid_with_short_convolutions_is_refused_and_attnlrp_explains_it():
     assert bool((relevance != 0).any())
 
 
+class _LibraryFunc(nn.Module):
+    """A module a library makes around a function (as the ``kernels`` package's ``Func``), not
+    part of the user's model: transformers' hub-kernel fallback runs a convolution inside one."""
+
+    def forward(self, x, weight):
+        return F.conv1d(x, weight, padding=1, groups=x.shape[1])
+
+
+_LIBRARY_CONV = _LibraryFunc()
+
+
+class _ConvThroughALibrary(nn.Conv1d):
+    def forward(self, x):
+        return _LIBRARY_CONV(x, self.weight)
+
+
+class ConvThroughALibrary(nn.Module):
+    """One attention layer, then a depthwise convolution run through a library's module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mixer = nn.ModuleDict({"conv": _ConvThroughALibrary(8, 8, 3, groups=8)})
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.attention(x, x, x, need_weights=False)[0]
+        x = self.mixer["conv"](x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x[:, -1])
+
+
+def test_token_mixing_is_named_by_the_users_module_when_a_library_module_runs_it():
+    """The refusal names ``mixer.conv``, the innermost module of the model on the stack, not the
+    library's module (``_LibraryFunc``) the convolution ran in."""
+    model = ConvThroughALibrary().eval()
+    named = r"conv1d with kernel \(3,\) in mixer\.conv \(_ConvThroughALibrary\)"
+    with pytest.raises(ValueError, match=named):
+        CheferRelevance(model).attribute(_ids(seed=4) % 50, target=0)
+
+
 def test_attention_in_a_layout_it_cannot_read_is_named_when_nothing_else_is_captured():
     class ColumnSoftmax(nn.Module):
         def __init__(self) -> None:

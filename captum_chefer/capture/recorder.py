@@ -53,8 +53,9 @@ class MixingRecord:
 
     description: str
     """What it is, e.g. ``"conv1d with kernel (4,)"``."""
-    owner: nn.Module | None
-    """The innermost module whose forward was running when it was called."""
+    owners: tuple[nn.Module, ...]
+    """The modules whose forward was running when it was called, innermost first (see
+    :func:`running_modules`); the message names the innermost one of the user's model."""
     node: Any
     """The autograd node of its output."""
     batch: int | None = None
@@ -78,10 +79,10 @@ class MixingRecord:
         """Whether it mixes tokens, given the explained batch and the captured token counts.
 
         Example:
-            >>> pooling = MixingRecord("softmax", None, None, batch=2, tokens_at=7)
+            >>> pooling = MixingRecord("softmax", (), None, batch=2, tokens_at=7)
             >>> pooling.mixes(2, {7}), pooling.mixes(2, {9})
             (True, False)
-            >>> per_token = MixingRecord("matmul", None, None, batch=2, per_token=(7, 16))
+            >>> per_token = MixingRecord("matmul", (), None, batch=2, per_token=(7, 16))
             >>> per_token.mixes(2, {7}), per_token.mixes(2, {9})
             (False, True)
         """
@@ -115,8 +116,8 @@ class CallRecord:
     """Explicit probabilities ``(B*H, 1, N, N)`` whose heads are folded into the batch."""
     superseded: bool = False
     """Replaced by a later record of the same attention (a sink softmax and its slice)."""
-    owner: nn.Module | None = None
-    """The innermost module whose forward was running when the call was made."""
+    owners: tuple[nn.Module, ...] = ()
+    """The modules whose forward was running when the call was made, innermost first."""
 
     def unfold_heads(self, batch: int) -> None:
         """Read folded ``(B*H, 1, N, N)`` probabilities as ``(B, H, N, N)`` (batch-major)."""
@@ -173,7 +174,7 @@ class Recorder:
 
     def _new_record(self, shape: tuple[int, int, int, int]) -> CallRecord:
         record = CallRecord(len(self.records), shape, module=self.scope[-1] if self.scope else None)
-        record.owner = running_module()
+        record.owners = running_modules()
         self._see_root()
         self.records.append(record)
         self._made.append(record)
@@ -191,9 +192,15 @@ class Recorder:
     ) -> None:
         """Note an operation outside attention that mixes tokens, whose output is ``output``
         (the fields are :class:`MixingRecord`'s)."""
-        owner = running_module()
         record = MixingRecord(
-            description, owner, output.grad_fn, batch, unread, tokens_at, convolution, per_token
+            description,
+            running_modules(),
+            output.grad_fn,
+            batch,
+            unread,
+            tokens_at,
+            convolution,
+            per_token,
         )
         self.mixing.append(record)
         self._see_root()
@@ -409,21 +416,43 @@ class _CapturedProbs(torch.autograd.Function):
         return None, None, None, grad_probs
 
 
-def running_module() -> nn.Module | None:
-    """The innermost module whose ``forward`` (or ``__call__``) is on the caller's stack.
+def running_modules() -> tuple[nn.Module, ...]:
+    """The modules whose ``forward`` (or ``__call__``) is on the caller's stack, innermost first.
 
     Read off the Python frames (a ``self`` that is a module), so nothing is hooked on the
-    model; about a microsecond per call.
+    model; a few microseconds per call. All of them are kept, not only the innermost: a
+    library may run an op inside a module of its own that is not part of the user's model (the
+    ``kernels`` package wraps a function as a ``Func`` module, transformers' hub-kernel fallback
+    runs a convolution there), and the messages name the innermost module of the user's model
+    (:func:`where`).
     """
+    found: list[nn.Module] = []
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
             owner = frame.f_locals.get("self")
-            if isinstance(owner, nn.Module):
-                return owner
+            if isinstance(owner, nn.Module) and (not found or owner is not found[-1]):
+                found.append(owner)
         frame = frame.f_back  # type: ignore[assignment]
-    return None
+    return tuple(found)
+
+
+def where(owners: tuple[nn.Module, ...], names: dict[int, str]) -> tuple[str | None, str]:
+    """The qualified name and class of the innermost of ``owners`` that ``names`` (the user's
+    model's modules by id) holds; else no name and the innermost module's class.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> names = {id(module): name for name, module in model.named_modules()}
+        >>> where((nn.ReLU(), model[0], model), names)
+        ('0', 'Linear')
+    """
+    for owner in owners:
+        name = names.get(id(owner))
+        if name is not None:
+            return name, type(owner).__name__
+    return None, type(owners[0]).__name__ if owners else ""
 
 
 def _read_out(output: Tensor, hops: int = 3) -> set[Any]:
@@ -490,12 +519,16 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
     found = [
         op
         for op, makes_tokens in recorder.mixing_on_path
-        if op.mixes(recorder.batch, tokens)
-        and not (makes_tokens and op.convolution and not _inside(names.get(id(op.owner)), stacks))
+        if op.mixes(recorder.batch, tokens) and not (makes_tokens and _stem(op, names, stacks))
     ]
     if found:
         hint = UNREAD if any(op.unread for op in found) else ""
         raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names), unread=hint))
+
+
+def _stem(op: MixingRecord, names: dict[int, str], stacks: list[str]) -> bool:
+    """A convolution below the first attention layer, outside the model's layer stacks."""
+    return op.convolution and not _inside(where(op.owners, names)[0], stacks)
 
 
 TOKEN_MIXING = (
@@ -534,7 +567,7 @@ def _attention_stacks(
     """Names of the ``nn.ModuleList``s of ``model`` that hold a captured attention call."""
     if model is None:
         return []
-    owners = {names.get(id(record.owner)) for record in records} - {None}
+    owners = {where(record.owners, names)[0] for record in records} - {None}
     lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
     return [name for name in lists if any(_inside(owner, [name]) for owner in owners)]
 
@@ -550,13 +583,12 @@ def _describe(found: list[MixingRecord], names: dict[int, str]) -> str:
     model.layers.0.mamba (MambaMixer)``; the first three modules."""
     by_module: dict[str, list[str]] = {}
     for op in found:
-        name = names.get(id(op.owner)) if op.owner is not None else None
-        kind = type(op.owner).__name__ if op.owner is not None else ""
-        where = f"{name} ({kind})" if name else kind or "the forward"
-        by_module.setdefault(where, [])
-        if op.description not in by_module[where]:
-            by_module[where].append(op.description)
-    parts = [f"{', '.join(ops)} in {where}" for where, ops in by_module.items()]
+        name, kind = where(op.owners, names)
+        place = f"{name} ({kind})" if name else kind or "the forward"
+        by_module.setdefault(place, [])
+        if op.description not in by_module[place]:
+            by_module[place].append(op.description)
+    parts = [f"{', '.join(ops)} in {place}" for place, ops in by_module.items()]
     more = f"; and {len(parts) - 3} more modules" if len(parts) > 3 else ""
     return "; ".join(parts[:3]) + more
 
