@@ -151,6 +151,36 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert command in ci_lines, "README's test command and .ci/run differ: make them equal"
 
 
+LOCK = ROOT / "tests" / "constraints.txt"
+
+
+def test_the_test_command_installs_the_lock_and_the_lock_pins_every_test_requirement() -> None:
+    """A fresh machine gets the versions CI last passed with: the command passes the lock as
+    pip constraints, and the lock pins (``==``) torch, torchvision and every requirement of the
+    package and of ``[test]``."""
+    command = command_with("-m pytest")
+    assert "-c tests/constraints.txt" in command
+    pinned = {
+        canonical(line.split("==")[0]): line.split("==")[1]
+        for line in LOCK.read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    }
+    core, extras = setup_requirements()
+    needed = core | extras["test"] | {"torch", "torchvision", "tokenizers"}
+    assert needed <= set(pinned), f"the lock does not pin {sorted(needed - set(pinned))}"
+    assert pinned["torch"] in command and pinned["torchvision"] in command
+
+
+def test_ci_latest_runs_the_test_command_without_the_lock() -> None:
+    """``.ci/latest`` installs what the README's test command installs, minus the lock."""
+    latest = (ROOT / ".ci" / "latest").read_text(encoding="utf-8")
+    command = command_with("-m pytest").split(" && .venv/bin/python -m pytest")[0]
+    unlocked = command.replace("-c tests/constraints.txt", "--upgrade").replace(
+        ".venv", ".venv-latest"
+    )
+    assert unlocked in latest.splitlines()
+
+
 def test_every_extra_the_readme_names_exists() -> None:
     _, extras = setup_requirements()
     named = {extra for group in EXTRA.findall(README) for extra in group.split(",")}
