@@ -662,18 +662,18 @@ def reference_rows(kind: str, model, inputs: dict, target: int):
 
 
 def _reference_rows(kind, model, inputs, target, dtype):
+    states = FinalStates()
     try:
-        attentions = _returned_attentions(kind, model, inputs, target, dtype)
+        attentions = _returned_attentions(kind, model, inputs, target, dtype, states)
     except (NotRun, RuntimeError) as error:
         # The maps it returns are copies, or returning them fails: read the softmax outputs.
+        states = FinalStates()
         try:
-            attentions = _softmax_attentions(kind, model, inputs, target, dtype)
+            attentions = _softmax_attentions(kind, model, inputs, target, dtype, states)
         except NotRun as second:
             raise NotRun(f"{error}; {second}") from error
     used = _used_rows(attentions[-1])
-    mask = inputs.get("attention_mask")
-    real = mask.bool() if mask is not None and mask.shape == used.shape else None
-    weights, fix = read_weights(used, real)
+    weights, fix = read_weights(used, states.alike(used))
     if weights is None:
         raise Combined(
             f"the output combines the states of tokens {used[0].nonzero().flatten().tolist()}"
@@ -686,6 +686,41 @@ class Combined(NotRun):
     the rule's; ``token_index="auto"`` must refuse."""
 
 
+class FinalStates:
+    """The token-shaped outputs ``(B, N, ...)`` of every module of a reference copy, in forward
+    order, their gradients kept: the last one whose gradient has exactly the used rows holds
+    the tokens' final states, and the output weighs the tokens alike (a mean pooling) when its
+    gradient rows are equal. Independent of the package: module hooks on the reference, not
+    the package's hooks on autograd nodes."""
+
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+
+    def watch(self, model) -> list:
+        def hook(module, args, output):
+            tensor = output[0] if isinstance(output, tuple) and output else output
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 3 and tensor.requires_grad:
+                tensor.retain_grad()
+                self.outputs.append(tensor)
+
+        return [module.register_forward_hook(hook) for module in model.modules()]
+
+    def alike(self, used: torch.Tensor) -> bool:
+        """Whether the used rows (bool ``(B, N)``) get equal gradients at the final states."""
+        batch, size = used.shape
+        for tensor in reversed(self.outputs):
+            grad = tensor.grad
+            if grad is None or grad.shape[:2] != (batch, size):
+                continue
+            rows = grad.reshape(batch, size, -1).double()
+            if not torch.equal(rows.abs().amax(-1) > 0, used):
+                continue
+            first = rows[torch.arange(batch), used.int().argmax(1)]
+            spread = (rows - first[:, None]).abs().amax(-1).masked_fill(~used, 0).amax()
+            return bool(spread <= 1e-9 * rows.abs().amax().clamp_min(1e-30))
+        return False
+
+
 def _used_rows(last) -> torch.Tensor:
     """Bool ``(B, N)``: the query rows of the last attention map that get a gradient, i.e. the
     tokens whose final states the output is computed from (in the reference's own backward)."""
@@ -694,29 +729,28 @@ def _used_rows(last) -> torch.Tensor:
     return last.grad.abs().amax((1, 3)) > 0
 
 
-def read_weights(used: torch.Tensor, real: torch.Tensor | None):
-    """Row weights ``(B, N)`` of the read, and the ``token_index`` (and prefix) that reads them:
-    one token per example (CLS, the last token), or the mean of every real token after the
-    first ``k`` (a mean-pooled model). ``(None, None)`` for another combination."""
-    batch, size = used.shape
-    real = torch.ones_like(used) if real is None else real
+def read_weights(used: torch.Tensor, alike: bool):
+    """Row weights ``(B, N)`` of the read, and the ``token_index`` that reads them: one token
+    per example (CLS, the last token), or the mean of the used rows where the output weighs
+    them alike (a mean pooling). ``(None, None)`` for another combination."""
     if bool((used.sum(1) == 1).all()):
         index = used.int().argmax(1)
-        return torch.nn.functional.one_hot(index, size).double(), {"token_index": index}
-    first = used.int().argmax(1)
-    positions = torch.arange(size).expand(batch, size)
-    mean = real & (positions >= first[:, None])
-    if bool((first == first[0]).all()) and torch.equal(mean, used):
-        fix = {"token_index": "mean", "num_prefix_tokens": int(first[0])}
-        return mean.double() / mean.sum(1, keepdim=True), fix
+        return torch.nn.functional.one_hot(index, used.shape[1]).double(), {"token_index": index}
+    if alike:
+        return used.double() / used.sum(1, keepdim=True), {"token_index": "mean"}
     return None, None
 
 
-def _returned_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
+def _returned_attentions(kind, model, inputs, target, dtype, states) -> list[torch.Tensor]:
     """The maps Hugging Face returns with ``output_attentions=True``, their gradients kept."""
     reference = _eager_copy(model).to(dtype)
     double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    output = reference(**double, output_attentions=True)
+    handles = states.watch(reference)
+    try:
+        output = reference(**double, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
     attentions = getattr(output, "attentions", None)
     if not attentions or any(a is None or a.dim() != 4 for a in attentions):
         raise NotRun("no attention maps returned at eager")
@@ -731,7 +765,7 @@ def _returned_attentions(kind, model, inputs, target, dtype) -> list[torch.Tenso
     return list(attentions)
 
 
-def _softmax_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor]:
+def _softmax_attentions(kind, model, inputs, target, dtype, states) -> list[torch.Tensor]:
     """Every 4-D softmax over the last dimension in the eager copy's forward, in order, its
     gradient kept: ``torch.softmax``, ``torch.nn.functional.softmax`` and ``Tensor.softmax``
     wrapped for the one forward and backward (``nn.Softmax`` calls the functional one)."""
@@ -756,10 +790,13 @@ def _softmax_attentions(kind, model, inputs, target, dtype) -> list[torch.Tensor
     torch.softmax = keeping(originals[0])
     torch.nn.functional.softmax = keeping(originals[1])
     torch.Tensor.softmax = keeping(originals[2])
+    handles = states.watch(reference)
     try:
         select(kind, reference(**double))[:, target].sum().backward()
     finally:
         torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax = originals
+        for handle in handles:
+            handle.remove()
     if not captured:
         raise NotRun("no 4-D softmax in its forward")
     if len({a.shape[-2:] for a in captured}) != 1:
@@ -791,18 +828,11 @@ def ours_rows(kind: str, model, inputs: dict, target: int, **read) -> torch.Tens
 
 
 def ours_as_read(run, fix: dict | None):
-    """Ours at ``token_index="auto"``; where auto refuses because the output is read from
-    other tokens, ours with the reference's read, and the note that auto refused.
-
-    A refusal of auto is right only where the reference reads other rows than auto would,
-    and it must name a fix that reads them: the comparison of the second run checks that."""
-    try:
-        return run(), ""
-    except ValueError as error:
-        if fix is None or "explain another output" not in str(error):
-            raise
-        shown = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in fix.items()}
-        return run(**fix), f"; auto refuses, naming the fix; read with {shown}"
+    """Ours at ``token_index="auto"``, which reads the rows the output is computed from; and a
+    note of how the reference read them (one token, or the mean of several)."""
+    shown = fix.get("token_index") if fix else None
+    note = "; auto reads the mean of the pooled rows" if shown == "mean" else ""
+    return run(), note
 
 
 def from_package(error: BaseException) -> bool:
@@ -997,6 +1027,8 @@ def timm_reference(model, pixels: torch.Tensor, target: int):
         for m in reference.modules()
         if isinstance(getattr(m, "attn_drop", None), torch.nn.Module)
     ]
+    states = FinalStates()
+    handles += states.watch(reference)
     try:
         reference(pixels.double())[:, target].sum().backward()
     finally:
@@ -1004,7 +1036,8 @@ def timm_reference(model, pixels: torch.Tensor, target: int):
             handle.remove()
     if not captured:
         raise NotRun("no attn_drop module to read the maps from")
-    weights, fix = read_weights(_used_rows(captured[-1]), None)
+    used = _used_rows(captured[-1])
+    weights, fix = read_weights(used, states.alike(used))
     if weights is None:
         raise Combined("the output combines several tokens' states")
     return _relevance_rows(captured, weights), fix

@@ -40,13 +40,16 @@ def one_hot_rows(index: list[int], size: int) -> Tensor:
     return F.one_hot(torch.tensor(index), size).double()
 
 
-def hf_eager_attentions(model, select, **kwargs) -> tuple[list[Tensor], list[Tensor]]:
-    """A float64 eager copy of a Hugging Face model; attentions and their grads via retain_grad."""
-    reference = copy.deepcopy(model).double()
+def hf_eager_attentions(
+    model, select, dtype: torch.dtype = torch.float64, **kwargs
+) -> tuple[list[Tensor], list[Tensor]]:
+    """An eager copy of a Hugging Face model in ``dtype`` (float64 by default); attentions and
+    their grads via retain_grad."""
+    reference = copy.deepcopy(model).to(dtype)
     reference.config._attn_implementation = "eager"
     for key, value in kwargs.items():
         if torch.is_tensor(value) and value.is_floating_point():
-            kwargs[key] = value.double()
+            kwargs[key] = value.to(dtype)
     output = reference(**kwargs, output_attentions=True)
     attentions = list(output.attentions)
     for attention in attentions:

@@ -167,28 +167,35 @@ def test_multihead_attention_on_threads_leaves_no_wrapper():
     _no_capture_left()
 
 
-def test_siamese_forward_is_refused_and_the_suggested_fix_works():
+def _siamese_reference(model, a, b, branch):
+    """The map of ``branch`` (0: ``a``, 1: ``b``) of ``cos(model(a), model(b))``, from the maps
+    and gradients of that branch's pass through every block, in float64."""
+    reference = copy.deepcopy(model).double()
+    for block in reference.blocks:
+        block.keep = []
+    F.cosine_similarity(reference(a), reference(b)).sum().backward()
+    assert all(len(block.keep) == 2 for block in reference.blocks)  # both branches ran
+    maps = [block.keep[branch] for block in reference.blocks]
+    expected = relevance_matrix([m.detach() for m in maps], [m.grad for m in maps])
+    return read_rows(expected, one_hot_rows([0, 0], 7))
+
+
+def test_siamese_forward_reads_each_input_through_its_own_branch():
+    """cos(model(a), model(b)) runs the layers twice: two independent towers, each fed by one
+    input, each read at its own output row (the old code refused it)."""
     model = models.HandModel().eval()
     a, b = _ids(seed=7) % 50, _ids(seed=8) % 50
 
     def siamese(x, y):
         return F.cosine_similarity(model(x), model(y))[:, None]
 
-    with pytest.raises(ValueError, match="siamese"):
-        CheferRelevance(siamese, model).attribute((a, b))
-    fixed = CheferRelevance(
+    ours_a, ours_b = CheferRelevance(siamese, model).attribute((a, b), output="token")
+    assert_close(ours_a, _siamese_reference(model, a, b, 0))
+    assert_close(ours_b, _siamese_reference(model, a, b, 1))
+    detached = CheferRelevance(
         lambda x: F.cosine_similarity(model(x), model(b).detach())[:, None], model
     )
-    ours = fixed.attribute(a, output="token")
-    reference = copy.deepcopy(model).double()
-    for block in reference.blocks:
-        block.keep = []
-    F.cosine_similarity(reference(a), reference(b).detach()).sum().backward()
-    kept = reference.blocks[0].keep
-    maps = [block.keep[0] for block in reference.blocks]
-    expected = relevance_matrix([m.detach() for m in maps], [m.grad for m in maps])
-    assert len(kept) == 2  # both branches ran through every block
-    assert_close(ours, read_rows(expected, one_hot_rows([0, 0], 7)))
+    assert torch.equal(detached.attribute(a, output="token"), ours_a)
 
 
 def test_read_out_from_an_earlier_layer_uses_the_layers_it_depends_on():
@@ -262,14 +269,11 @@ def test_bad_inputs_are_refused_not_clamped_or_zeroed():
     with pytest.raises(IndexError, match="outside"):
         explainer.attribute(ids, 0, (mask,), token_index=torch.tensor([0, -8]))
     padded = mask.clone()
-    padded[1] = 0
-    with pytest.raises(ValueError, match=r"Examples \[1\] have no real token"):
-        explainer.attribute(ids, 0, (padded,))
-    padded[1, :3] = 1
-    with pytest.raises(ValueError, match="reads a padding position"):
+    padded[1, 3:] = 0
+    with pytest.raises(ValueError, match=r"reads token 5 in example 1, which the explained"):
         explainer.attribute(ids, 0, (padded,), token_index=5)
     single = ids[:, :1]
-    with pytest.raises(ValueError, match="only real token"):
+    with pytest.raises(ValueError, match="they are every token"):
         explainer.attribute(single, 0, (mask[:, :1],), self_relevance="zero")
 
 
@@ -513,14 +517,20 @@ def test_token_mixing_refusal_names_a_fix_that_works():
 
 
 def test_layers_read_alone_are_not_refused_for_token_mixing():
+    """A convolution after the last attention layer spreads the output over rows 0 and 1 of
+    that layer: "auto" cannot read one row and says so; the row asked for is read."""
     model = ConvMixModel(kernel=3).eval()
     ids = _ids(seed=8) % 50
-    raw = RawAttention(model).attribute(ids, target=1, output="token", self_relevance="keep")
+    with pytest.raises(ValueError, match=r"final states of tokens \[0, 1\]"):
+        RawAttention(model).attribute(ids, target=1)
+    raw = RawAttention(model).attribute(
+        ids, target=1, output="token", self_relevance="keep", token_index=0
+    )
     reference = copy.deepcopy(model)
     reference.keep = []
     reference(ids)
     assert_close(raw, reference.keep[-1].detach()[:, 0, 0])
-    cam = AttentionGradCAM(model).attribute(ids, target=1, output="token")
+    cam = AttentionGradCAM(model).attribute(ids, target=1, output="token", token_index=0)
     assert cam.shape == (2, 7) and bool(torch.isfinite(cam).all())
 
 
@@ -895,30 +905,40 @@ class PooledEncoder(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("pool", "skip", "fix", "named"),
+    ("pool", "skip", "weights"),
     [
-        ("last", 0, {"token_index": 6}, r"Pass token_index=6\."),
-        ("mean", 0, {"token_index": "mean", "self_relevance": "keep"}, r"token_index='mean'"),
-        ("mean", 2, {"token_index": "mean", "num_prefix_tokens": 2, "self_relevance": "keep"},
-         r"token_index='mean', num_prefix_tokens=2"),
-        ("two heads", 0, {"token_index": 0}, r"two heads.*token_index=0"),
+        ("first", 0, [0]),
+        ("last", 0, [6]),
+        ("mean", 0, list(range(7))),
+        ("mean", 2, [2, 3, 4, 5, 6]),
     ],
-)  # fmt: skip
-def test_auto_reads_the_rows_the_output_is_computed_from_or_names_the_fix(pool, skip, fix, named):
+)
+def test_auto_reads_the_rows_the_output_is_computed_from(pool, skip, weights):
+    """The backward shows which tokens' final states make the output: the first, the last, or
+    the mean of every token after ``skip`` (a mean-pooled ViT after its prefix tokens). "auto"
+    reads them; the old code read the first token or refused."""
     model = PooledEncoder(pool, skip).eval()
     ids = _ids(seed=13) % 50
-    with pytest.raises(ValueError, match=r"the map would explain another output.*" + named):
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token", self_relevance="keep")
+    rows = torch.zeros(7)
+    rows[weights] = 1 / len(weights)
+    assert_close(ours, _pooled_reference(model, ids, rows) + rows.double())
+    mean = CheferRelevance(model).attribute(
+        ids, target=1, output="token", self_relevance="keep", token_index="mean"
+    )
+    assert torch.equal(mean, ours)  # "mean": the mean of the rows the output depends on
+
+
+def test_auto_refuses_two_heads_and_names_the_fix():
+    """A distilled DeiT averages two heads over two tokens: no row of R is that output."""
+    model = PooledEncoder("two heads").eval()
+    ids = _ids(seed=13) % 50
+    with pytest.raises(ValueError, match=r"tokens \[0, 1\].*different weights.*AttnLRP"):
         CheferRelevance(model).attribute(ids, target=1)
-    ours = CheferRelevance(model).attribute(ids, target=1, output="token", **fix)
-    weights = torch.zeros(7)
-    if pool == "mean":
-        weights[skip:] = 1 / (7 - skip)
-    else:
-        weights[fix["token_index"]] = 1.0
-    expected = _pooled_reference(model, ids, weights)
-    if fix.get("self_relevance") == "keep":
-        expected = expected + weights.double()
-    assert_close(ours, expected)
+    ours = CheferRelevance(model).attribute(ids, target=1, output="token", token_index=0)
+    rows = torch.zeros(7)
+    rows[0] = 1.0
+    assert_close(ours, _pooled_reference(model, ids, rows))
 
 
 def test_auto_reads_the_first_token_where_the_head_does():
@@ -928,7 +948,9 @@ def test_auto_reads_the_first_token_where_the_head_does():
     assert torch.equal(explainer.attribute(ids, 1, output="token"), expected)
 
 
-def test_an_output_taken_at_a_padding_position_is_refused():
+def test_an_output_taken_at_a_padding_position_is_read_there():
+    """The logit taken at a right-padded position is computed from that position's final
+    state: "auto" reads it (as token_index=6 would), and padding keys get exactly 0."""
     model = models.llama()
     ids = _ids(seed=13) % 50
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -937,8 +959,11 @@ def test_an_output_taken_at_a_padding_position_is_refused():
     def forward(ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits[:, -1]
 
-    with pytest.raises(ValueError, match="padding position.*pad on the left"):
-        CheferRelevance(forward, model).attribute(ids, target=1, additional_forward_args=(mask,))
+    explainer = CheferRelevance(forward, model)
+    ours = explainer.attribute(ids, target=1, additional_forward_args=(mask,))
+    last = explainer.attribute(ids, target=1, additional_forward_args=(mask,), token_index=6)
+    assert torch.equal(ours, last)
+    assert (ours[1, -2:] == 0).all() and (ours[1, :-2] != 0).any()
 
 
 def test_rotating_feature_halves_as_rotary_embeddings_do_is_not_a_shift():

@@ -62,15 +62,31 @@ def test_padding_gets_zero_and_leaves_real_tokens_unchanged(attn_implementation)
     assert (padded[1, :5].abs() > 0).all()
 
 
-def test_mean_token_index_is_the_mean_of_the_single_rows():
+def _mean_pooled(model):
+    """A sentence-encoder head: the masked mean of BERT's final states, then the classifier."""
+
+    def forward(ids, mask):
+        states = model.bert(ids, attention_mask=mask).last_hidden_state
+        weights = mask[..., None].to(states.dtype)
+        return model.classifier((states * weights).sum(1) / weights.sum(1))
+
+    return forward
+
+
+@pytest.mark.parametrize("token_index", ["mean", "auto"])
+def test_mean_is_the_mean_of_the_single_rows_of_the_tokens_pooled(token_index):
+    """A masked mean pooling: "mean" (and "auto", which sees that the rows are weighed alike)
+    read the mean of the real tokens' rows, whatever the padding."""
     model = models.bert()
-    ids, mask = _ids(1, 6), torch.ones(1, 6, dtype=torch.long)
-    explainer = CheferRelevance(_bert_forward(model), model)
-    rows = [
-        explainer.attribute(ids, 0, (mask,), token_index=i, self_relevance="keep") for i in range(6)
+    ids, mask = _ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    explainer = CheferRelevance(_mean_pooled(model), model)
+    single = [
+        explainer.attribute(ids, 0, (mask,), token_index=i, self_relevance="keep") for i in range(4)
     ]
-    mean = explainer.attribute(ids, 0, (mask,), token_index="mean", self_relevance="keep")
-    assert_close(mean, torch.stack(rows).mean(0), rtol=1e-5)
+    mean = explainer.attribute(ids, 0, (mask,), token_index=token_index, self_relevance="keep")
+    assert_close(mean[1:], torch.stack(single).mean(0)[1:], rtol=1e-5)
+    assert (mean[1, 4:] == 0).all()
 
 
 def test_tuple_inputs_give_tuple_outputs():

@@ -7,10 +7,6 @@ where it is cheap, and a failure names the cause and the fix.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import torch
-from torch import Tensor
 
 from ..core.readers import Edge, Reader, StreamLayout
 from ..core.tokens import SelfRelevance
@@ -45,16 +41,20 @@ def check_self_relevance(
 
 
 def check_attention(trace: Trace, steps: Sequence[Sequence[Edge]], name: str) -> None:
-    """The calls must suit the rules: one chain of self-attention for a one-stream map; for
-    several streams, one batch, and square self-attention within each stream."""
-    if len({stream for step in steps for edge in step for stream in edge[1:]}) == 1:
-        check_self_attention(trace, name)
+    """The calls must suit the rules. Where every call is self-attention within a stream (one
+    sequence, towers, a dual encoder's two towers), each stream's calls must form one chain of
+    ``(B, H, N, N)`` calls; otherwise one batch, and square self-attention within each stream."""
+    edges = [edge for step in steps for edge in step]
+    if all(query == key for _, query, key in edges):
+        for stream in dict.fromkeys(query for _, query, _ in edges):
+            calls = [index for index, query, _ in edges if query == stream]
+            check_self_attention(trace, name, calls)
         return
     shapes = sorted({record.shape for record in trace.records})
     causes = []
     if any(shape[0] != trace.batch for shape in shapes):
         causes.append(WINDOWED.format(batch=trace.batch))
-    self_calls = [trace.records[index].shape for step in steps for index, q, k in step if q == k]
+    self_calls = [trace.records[index].shape for index, q, k in edges if q == k]
     if any(shape[2] != shape[3] for shape in self_calls):
         causes.append(NOT_SQUARE)
     if causes:
@@ -76,14 +76,16 @@ def check_streams(trace: Trace, layout: StreamLayout, needed: Sequence[str], nam
         )
 
 
-def check_self_attention(trace: Trace, name: str) -> None:
+def check_self_attention(trace: Trace, name: str, calls: Sequence[int] | None = None) -> None:
     """Refuse, naming the cause, attention the self-attention rule does not define.
 
     The rule needs token-to-token self-attention over one sequence per explained example, in
     layers that form one chain: every call ``(B, H, N, N)`` with the output's batch ``B``, one
-    ``N`` for all, and each layer computed from the one before.
+    ``N`` for all, and each layer computed from the one before. ``calls`` (all by default) are
+    the calls of one stream or tower.
     """
-    shapes = sorted({record.shape for record in trace.records})
+    calls = list(range(len(trace.records))) if calls is None else list(calls)
+    shapes = sorted({trace.records[index].shape for index in calls})
     batch = trace.batch
     causes = [
         cause
@@ -99,7 +101,8 @@ def check_self_attention(trace: Trace, name: str) -> None:
             f"{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), which the "
             f"self-attention rule does not define: {'; '.join(causes)}. {FIXES}"
         )
-    breaks = trace.dependencies.chain_breaks()
+    below = trace.dependencies.below
+    breaks = [(a, b) for a, b in zip(calls, calls[1:]) if a not in below[b]]
     if breaks:
         raise ValueError(NOT_A_CHAIN.format(name=name, after=breaks[0][0], layer=breaks[0][1]))
 
@@ -135,83 +138,3 @@ NOT_A_CHAIN = (
     "at a time with the other detached, e.g. CheferRelevance(lambda a: cos(model(a), "
     "model(b).detach()), model).attribute(a)."
 )
-
-
-def check_read_rows(
-    name: str,
-    output_rows: Tensor | None,
-    reads: Sequence[Any],
-    weights: dict[str, Tensor],
-    real: dict[str, Tensor],
-) -> None:
-    """Refuse a read of other rows than those the explained output is computed from.
-
-    The rule reads the rows of ``R`` of the tokens whose final states make the output: the
-    CLS token of a CLS-pooled classifier, the last token of a causal LM, every patch of a
-    mean-pooled ViT. Which tokens those are is seen in the backward: the query rows of the
-    last attention layer whose output gets a gradient. Where the rows read differ (a
-    mean-pooled model read at its first token, an output selected at a padding position), the
-    map would explain another output; the error names the ``token_index`` that reads the right
-    rows, where one does. Checked for ``token_index="auto"``: an explicit one is the user's.
-    """
-    if output_rows is None or len(real) != 1:
-        return
-    for read in reads:
-        auto = isinstance(read.token_index, str) and read.token_index == "auto"
-        if not auto or read.read_stream != read.stream:
-            continue  # an explicit token_index is the user's choice
-        rows, mask = weights[read.read_stream] != 0, real[read.read_stream]
-        if rows.shape != output_rows.shape:
-            continue
-        used = output_rows.to(rows.device)
-        if bool(torch.equal(rows & mask, used & mask)) and not bool((used & ~mask).any()):
-            continue
-        raise ValueError(_wrong_rows(name, read.token_index, rows, used, mask))
-
-
-def _tokens(row: Tensor) -> str:
-    found = row.nonzero().flatten().tolist()
-    return f"tokens {found}" if len(found) <= 8 else f"{len(found)} tokens"
-
-
-def _wrong_rows(name: str, token_index: Any, rows: Tensor, used: Tensor, real: Tensor) -> str:
-    example = int((rows != used).any(1).nonzero()[0])
-    start = (
-        f"{name}: the explained output is computed from the final states of "
-        f"{_tokens(used[example])} (example {example}), but token_index={token_index!r} reads "
-        f"the rows of {_tokens(rows[example])}; the map would explain another output."
-    )
-    counts = used.sum(1)
-    if bool((used & ~real).any()):
-        return start + (
-            " The output is taken at a padding position: select it at the last real token "
-            "(e.g. logits[torch.arange(B), mask.sum(1) - 1]), or pad on the left."
-        )
-    if bool((counts == 1).all()):
-        index = used.int().argmax(1)
-        fix = (
-            str(int(index[0]))
-            if bool((index == index[0]).all())
-            else f"torch.tensor({index.tolist()})"
-        )
-        return start + f" Pass token_index={fix}."
-    pooled = used & real
-    first = pooled.int().argmax(1)
-    contiguous = bool((pooled.sum(1) == real.sum(1) - first).all())
-    if contiguous and bool((first == first[0]).all()):
-        skip = int(first[0])
-        option = "token_index='mean'" + (f", num_prefix_tokens={skip}" if skip else "")
-        after = f" after the first {skip}" if skip else ""
-        return start + (
-            f" It uses every real token{after}: if the model mean-pools them (a mean-pooled "
-            f"ViT or sentence encoder), pass {option} to read the mean of their rows; a head "
-            "over all of them with weights of its own (a flatten) is not a pooling the rule "
-            "defines: explain it with captum_chefer.AttnLRP(model), which goes through the head."
-        )
-    return start + (
-        " The model combines several tokens' states (two heads, as a distilled DeiT's class "
-        "and distillation tokens; or the CLS token and the mean of the patches), which the "
-        "rule does not define from the rows alone: pass token_index= the one token to explain "
-        "(e.g. token_index=0, the class token), or explain the whole output with "
-        "captum_chefer.AttnLRP(model), which goes through the head."
-    )

@@ -129,8 +129,8 @@ class CheferDualEncoder(AttentionAttribution):
         if isinstance(text_token_index, str) and text_token_index == "auto":
             text_token_index = pooled_text_token(self.model, texts)
         reads = (
-            Read("image", "image", image_token_index, causal=False),
-            Read("text", "text", text_token_index, causal=True),
+            Read("image", "image", image_token_index),
+            Read("text", "text", text_token_index),
         )
         spec = ReadSpec(reads, self_relevance, output, num_prefix_tokens, patch_grid)
         image, text = self._explain(

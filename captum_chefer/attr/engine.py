@@ -4,12 +4,15 @@ A class declares a reader (:class:`~captum_chefer.core.readers.Reader`), a strea
 (:class:`~captum_chefer.families.StreamMap`, one stream for single-sequence models) and a read
 spec (:class:`ReadSpec`); :func:`explain` then
 
-1. formats the inputs (Captum's tuple conventions);
+1. formats the inputs (Captum's tuple conventions); an empty batch gets empty maps;
 2. traces one forward with attention captured (:func:`~captum_chefer.attr.trace.trace_attention`);
-3. prepares the reader: checks the attention against the rules, sorts the calls into streams,
-   finds the padding of every stream and the rows to read (:func:`prepare_reader`);
-4. runs the backward, which feeds the reader;
-5. reads one row per (read stream, input stream), with padding set to exactly 0;
+3. plans the reads (:func:`plan_reads`): checks the attention against the rules, sorts the calls
+   into streams (one per tower where the layers form independent chains, each input read
+   through the tower it feeds), and hooks into the backward (:mod:`~captum_chefer.attr.reads`);
+4. runs the backward, which shows the rows each stream's output is computed from and feeds
+   the reader;
+5. reads one row per (read stream, input stream), after the checks that need the device (one
+   synchronisation); padding is exactly 0 because no row on the output's path attends to it;
 6. maps each row onto its input (:mod:`~captum_chefer.core.mapping`) and formats the result.
 """
 
@@ -22,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..capture import Recorder
 from ..core.mapping import (
     PatchPositions,
     prefix_tokens,
@@ -29,39 +33,15 @@ from ..core.mapping import (
     split_segments,
     tokens_to_input,
 )
-from ..core.readers import Edge, Reader, ReadSetup, StreamLayout, check_start_layer
-from ..core.tokens import SelfRelevance, TokenIndex, check_something_left, row_weights
+from ..core.readers import Edge, Reader, StreamLayout, TowerReaders, check_start_layer
+from ..core.tokens import SelfRelevance, TokenIndex
 from ..families import StreamMap, recorded_patch_positions
 from ._captum import TargetType, _format_output, _format_tensor_into_tuples, _is_tuple
-from .checks import (
-    check_attention,
-    check_output,
-    check_read_rows,
-    check_self_relevance,
-    check_streams,
-)
-from .trace import Trace, is_causal, real_keys, trace_attention
+from .checks import check_attention, check_output, check_self_relevance, check_streams
+from .reads import Read, ReadPlan
+from .trace import Trace, trace_attention
 
 Output = Literal["input", "token"]
-
-
-@dataclass(frozen=True)
-class Read:
-    """One row read: the row of ``R_{read_stream, stream}`` at ``token_index``.
-
-    Attributes:
-        read_stream: the stream whose token the prediction is read from (rows of ``R``).
-        stream: the input's stream (columns of ``R``).
-        token_index: which token of ``read_stream``: ``"auto"``, ``"mean"``, an int or a
-            LongTensor ``(B,)`` (see :func:`~captum_chefer.core.tokens.row_weights`).
-        causal: whether ``"auto"`` reads the last real token (True) or the first (False);
-            None: as the read stream's first attention call.
-    """
-
-    read_stream: str
-    stream: str
-    token_index: TokenIndex = "auto"
-    causal: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -77,8 +57,9 @@ class ReadSpec:
         joint: the inputs' tokens are laid end to end in one stream (ViLT, VisualBERT): the
             row is split back per input, by ``segments`` or by the inputs' shapes.
         segments: tokens of each input in the joint sequence.
-        one_token_row: the single read's row is mapped onto every input, and returned alone
-            ``(B, N)`` with ``output="token"`` (the one-stream classes).
+        one_token_row: the single read's row is mapped onto every input (each input's own,
+            where the layers form independent towers), and returned alone ``(B, N)`` with
+            ``output="token"`` when every input reads one tower (the one-stream classes).
     """
 
     reads: tuple[Read, ...]
@@ -106,16 +87,6 @@ class Subject:
     model: nn.Module | None
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """What step 3 found: the real-token masks by stream, and each read as resolved."""
-
-    real: dict[str, Tensor]
-    reads: list[Read]
-    weights: dict[str, Tensor]
-    """The rows read, as weights ``(B, N)``, by read stream."""
-
-
 @dataclass
 class Explained:
     """What :func:`read_rows` produced: one row per read, the trace, and any patch positions."""
@@ -138,6 +109,8 @@ def explain(
     """Run the flow (see the module) and return Captum-formatted relevance."""
     is_inputs_tuple = _is_tuple(inputs)
     inputs_tuple = _format_tensor_into_tuples(inputs)
+    if _empty_batch(inputs_tuple):
+        return _format_output(is_inputs_tuple, _empty_maps(inputs_tuple, spec.output))
     spec = _one_read_per_input(subject.name, spec, len(inputs_tuple))
     explained = read_rows(
         subject,
@@ -154,7 +127,9 @@ def explain(
         sizes = segment_sizes([tensor.shape for tensor in inputs_tuple], rows[0].shape[1])
         rows = list(split_segments(rows[0], list(spec.segments) if spec.segments else sizes))
     if spec.output == "token":
-        return rows[0] if spec.one_token_row else _format_output(is_inputs_tuple, tuple(rows))
+        if spec.one_token_row and all(row is rows[0] for row in rows):
+            return rows[0]
+        return _format_output(is_inputs_tuple or len(rows) > 1, tuple(rows))
     positions = explained.positions[-1] if explained.positions else None
     mapped = tuple(
         tokens_to_input(row, tensor.shape, spec.num_prefix_tokens, spec.patch_grid, positions).to(
@@ -163,6 +138,17 @@ def explain(
         for row, tensor in zip(rows, inputs_tuple)
     )
     return _format_output(is_inputs_tuple, mapped)
+
+
+def _empty_batch(inputs: tuple[Tensor, ...]) -> bool:
+    return any(tensor.dim() > 0 and tensor.shape[0] == 0 for tensor in inputs)
+
+
+def _empty_maps(inputs: tuple[Tensor, ...], output: str) -> tuple[Tensor, ...]:
+    """The maps of an empty batch: zeros shaped like each input (``(0, T)`` for tokens)."""
+    if output == "token":
+        return tuple(torch.zeros(0, *tensor.shape[1:2], device=tensor.device) for tensor in inputs)
+    return tuple(torch.zeros(tensor.shape, device=tensor.device) for tensor in inputs)
 
 
 def _one_read_per_input(name: str, spec: ReadSpec, n_inputs: int) -> ReadSpec:
@@ -190,20 +176,16 @@ def read_rows(
     additional_forward_args: Any,
     block_bytes: int | None = None,
 ) -> Explained:
-    """Steps 2-5 of the flow: trace, prepare the reader, backward, one masked row per read."""
+    """Steps 2-5 of the flow: trace, plan the reads, backward, one row per read."""
     check_output(spec.output)
-    reads_all = any(
-        read.read_stream == read.stream
-        and isinstance(read.token_index, str)
-        and read.token_index == "mean"
-        for read in spec.reads
-    )
     name = subject.name
-    check_self_relevance(reader, spec.self_relevance, reads_all, name)
-    prepared: list[Prepared] = []
+    reads_mean = any(_is(read.token_index, "mean") for read in spec.reads)
+    check_self_relevance(reader, spec.self_relevance, reads_mean, name)
+    plans: list[ReadPlan] = []
 
-    def prepare(trace: Trace) -> None:
-        prepared.append(prepare_reader(name, trace, reader, streams, spec, inputs))
+    def plan(trace: Trace, recorder: Recorder) -> None:
+        plans.append(plan_reads(name, trace, reader, streams, spec, inputs))
+        plans[0].watch(recorder)
 
     with recorded_patch_positions(subject.model) as positions:
         trace = trace_attention(
@@ -213,121 +195,113 @@ def read_rows(
             target,
             additional_forward_args,
             reader,
-            prepare,
+            plan,
             block_bytes,
             scope_modules=streams.needs_module_names,
         )
-    real = prepared[0].real
-    check_read_rows(name, trace.output_rows, prepared[0].reads, prepared[0].weights, real)
-    rows = [
-        reader.read(spec.self_relevance, read.stream, read.read_stream).masked_fill(
-            ~real[read.stream], 0.0
-        )
-        for read in prepared[0].reads
-    ]
+    read = plans[0]
+    read.finish()
+    found: dict[tuple[str, str], Tensor] = {}
+    for entry in read.reads:
+        if (entry.stream, entry.read_stream) not in found:
+            row = read.reader.read(spec.self_relevance, entry.stream, entry.read_stream)
+            found[(entry.stream, entry.read_stream)] = row
+    read.check(trace.finite, zeroes_read_rows=spec.self_relevance == "zero")
+    rows = [found[(entry.stream, entry.read_stream)] for entry in read.reads]
     return Explained(rows, trace, positions)
 
 
-def prepare_reader(
+def plan_reads(
     name: str,
     trace: Trace,
     reader: Reader,
     streams: StreamMap,
     spec: ReadSpec,
     inputs: tuple[Tensor, ...],
-) -> Prepared:
-    """Step 3: check the attention, lay out the streams, find the rows, prepare the reader."""
+) -> ReadPlan:
+    """Step 3: check the attention, lay out the streams (one per tower of independent layers
+    for a one-stream map), and plan what each input reads."""
     records = trace.records
     steps = streams.steps(records)
+    towers = _towers(trace, steps)
+    if towers:
+        steps = [[(index, towers[index], towers[index])] for index in range(len(records))]
     check_attention(trace, steps, name)
     resolved = [_pooled(read, streams, steps) for read in spec.reads]
+    if towers:
+        resolved = [_tower_read(name, read, i, trace, towers) for i, read in enumerate(resolved)]
     first = resolved[0]
-    layout = streams.layout(records, first.read_stream)
+    layout = StreamLayout(
+        streams.sizes(records, steps), tuple(tuple(s) for s in steps), first.read_stream
+    )
     needed = [stream for read in resolved for stream in (read.read_stream, read.stream)]
     check_streams(trace, layout, needed, name)
-    if len(layout.sizes) > 1 and not reader.multi_stream:
+    if len(layout.sizes) > 1 and not reader.multi_stream and not towers:
         raise ValueError(
             f"{name}: the model's attention forms the streams {sorted(layout.sizes)}, but this "
             "method reads one stream; use CheferMultiModal for several streams."
         )
-    check_start_layer(reader.start_layer, len(records))
-    real = _real_tokens(trace, layout)
+    used: Reader | TowerReaders = TowerReaders(reader, layout) if towers else reader
+    counts = [used.n_layers(s) for s in layout.sizes] if isinstance(used, TowerReaders) else []
+    check_start_layer(reader.start_layer, min(counts) if counts else len(records))
     shapes = [tensor.shape for tensor in inputs]
     prefix = prefix_tokens(
         layout.sizes[first.read_stream], shapes, spec.num_prefix_tokens, spec.patch_grid
     )
-    weights = _row_weights(trace, layout, resolved, real, spec.self_relevance, prefix)
-    more = {stream: rows for stream, rows in weights.items() if stream != first.read_stream}
-    setup = ReadSetup(
-        weights[first.read_stream], real[first.read_stream], len(records), prefix, layout, more
+    return ReadPlan(
+        name, resolved, layout, used, trace.batch, prefix, _describer(resolved, bool(towers))
     )
-    reader.prepare(setup)
-    return Prepared(real, resolved, weights)
 
 
-def _row_weights(
-    trace: Trace,
-    layout: StreamLayout,
-    reads: Sequence[Read],
-    real: dict[str, Tensor],
-    self_relevance: SelfRelevance,
-    prefix: int = 0,
-) -> dict[str, Tensor]:
-    """The rows read, by read stream; every read of one stream must read the same rows.
+def _towers(trace: Trace, steps: Sequence[Sequence[Edge]]) -> dict[int, str]:
+    """For a one-stream map over several independent chains of calls, each call's tower
+    (``"tower0"``, ``"tower1"``, … in forward order); else empty."""
+    if len({stream for step in steps for edge in step for stream in edge[1:]}) != 1:
+        return {}
+    components = trace.dependencies.components()
+    if len(components) < 2:
+        return {}
+    return {index: f"tower{t}" for t, calls in enumerate(components) for index in calls}
 
-    ``token_index="mean"`` over patch tokens leaves the ``prefix`` tokens before the grid
-    (CLS, registers) out, as mean-pooled vision transformers do.
-    """
-    weights: dict[str, Tensor] = {}
-    for read in reads:
-        causal = read.causal if read.causal is not None else _read_causality(trace, layout, read)
-        pooled = real[read.read_stream]
-        if isinstance(read.token_index, str) and read.token_index == "mean" and prefix > 0:
-            pooled = pooled.clone()
-            pooled[:, :prefix] = False
-        rows = row_weights(read.token_index, pooled, causal)
-        if read.read_stream in weights and not torch.equal(weights[read.read_stream], rows):
-            raise ValueError(
-                f"Two inputs are read from different tokens of the stream {read.read_stream!r}, "
-                "which one backward pass cannot give; explain them in separate calls."
-            )
-        weights[read.read_stream] = rows
-        if read.read_stream == read.stream:
-            check_something_left(rows, real[read.stream], self_relevance)
-    return weights
+
+def _tower_read(name: str, read: Read, position: int, trace: Trace, towers: dict[int, str]) -> Read:
+    """The read of input ``position``: the tower its tokens feed."""
+    fed = sorted({towers[r.index] for r in trace.records if position in r.fed_by})
+    if len(fed) != 1:
+        found = sorted(set(towers.values()))
+        cause = (
+            "reaches none of them" if not fed else f"feeds {len(fed)} of them ({', '.join(fed)})"
+        )
+        raise ValueError(
+            f"{name}: the model's attention forms {len(found)} independent stacks of layers "
+            f"(one per input feature, or a siamese forward), and input {position} {cause}, so "
+            "no one stack explains it. Explain one branch at a time, with the others "
+            "detached, e.g. lambda a: cos(model(a), model(b).detach())."
+        )
+    return Read(fed[0], fed[0], read.token_index)
+
+
+def _describer(reads: Sequence[Read], towers: bool) -> Callable[[str], str]:
+    """Names a stream in messages: a tower by the input it explains."""
+    inputs = {read.read_stream: i for i, read in enumerate(reads)}
+
+    def describe(stream: str) -> str:
+        if towers:
+            return f" of the layers input {inputs.get(stream, '?')} feeds"
+        return f" of stream {stream!r}" if stream != "tokens" else ""
+
+    return describe
 
 
 def _pooled(read: Read, streams: StreamMap, steps: Sequence[Sequence[Edge]]) -> Read:
     """A read from a stream pooled by another stream's queries (an attention probe) is read
-    from that stream, uniformly over its tokens, when the model has it."""
+    from that stream, when the model has it."""
     probe = streams.pooled_by.get(read.read_stream)
     present = {edge[1] for step in steps for edge in step}
     if probe is None or probe not in present:
         return read
-    return Read(probe, read.stream, "mean", read.causal)
+    return Read(probe, read.stream, "auto")
 
 
-def _real_tokens(trace: Trace, layout: StreamLayout) -> dict[str, Tensor]:
-    """Padding per stream, read off the key mask of the first call attending to it."""
-    records = trace.records
-    several = len(layout.sizes) > 1
-    device = trace.output.device
-    real: dict[str, Tensor] = {}
-    for step in layout.steps:
-        for index, _query, key in step:
-            if key not in real:
-                keys = real_keys(records[index])
-                real[key] = keys.to(device) if several else keys
-    for name, size in layout.sizes.items():
-        if name not in real:
-            real[name] = torch.ones(trace.batch, size, dtype=torch.bool, device=device)
-    return real
-
-
-def _read_causality(trace: Trace, layout: StreamLayout, read: Read) -> Tensor | bool:
-    """Whether the read stream's first self-attention call is causal."""
-    for step in layout.steps:
-        for index, query, key in step:
-            if query == key == read.read_stream:
-                return is_causal(trace.records[index])
-    return False
+def _is(token_index: TokenIndex, name: str) -> bool:
+    return isinstance(token_index, str) and token_index == name

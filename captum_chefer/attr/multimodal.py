@@ -21,6 +21,7 @@ prediction is read from and ``x`` the input's stream. The flow is the one every 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -58,10 +59,10 @@ class CheferMultiModal(AttentionAttribution):
         streams: which streams each attention call connects, by the calling module's name.
         read_stream: the stream whose token the prediction is read from.
         input_streams: the stream of each input, in the order of ``inputs``.
-        causal_read: whether ``token_index="auto"`` reads the last real token of
-            ``read_stream`` (True) or the first (False).
+        causal_read: deprecated and ignored: ``token_index="auto"`` reads the rows the
+            explained output is computed from, seen in the backward.
         family: an entry of :data:`~captum_chefer.families.FAMILIES` (its name, or a
-            :class:`~captum_chefer.families.Family`) giving the four above; by default the
+            :class:`~captum_chefer.families.Family`) giving the three above; by default the
             entry whose ``model_types`` holds ``model.config.model_type`` (BLIP, LXMERT), else
             ``"encoder-decoder"``. The arguments above override it.
 
@@ -98,7 +99,13 @@ class CheferMultiModal(AttentionAttribution):
         self.streams = streams if streams is not None else entry.streams
         self.read_stream = read_stream if read_stream is not None else entry.read_stream
         self.input_streams = tuple(input_streams) if input_streams else entry.input_streams
-        self.causal_read = causal_read if causal_read is not None else entry.causal_read
+        if causal_read is not None:
+            warnings.warn(
+                "causal_read is deprecated and ignored: token_index='auto' reads the rows the "
+                "explained output is computed from, seen in the backward.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
     def _family(self, family: str | Family | None) -> Family:
         if isinstance(family, Family):
@@ -130,9 +137,10 @@ class CheferMultiModal(AttentionAttribution):
                 ``(B, N, D)``, images ``(B, C, H, W)``.
             target: Captum's target on the output of ``forward_func``.
             additional_forward_args: passed positionally after ``inputs``.
-            token_index: the token of ``read_stream`` the prediction is read from: ``"auto"``
-                (the last real token when ``causal_read``, else the first), an int, or a
-                LongTensor ``(B,)``.
+            token_index: the tokens of ``read_stream`` the prediction is read from:
+                ``"auto"`` (the rows the explained output is computed from, seen in the
+                backward: the decoder position that produced the explained token, LXMERT's
+                text CLS), ``"mean"``, an int, or a LongTensor ``(B,)``.
             self_relevance: how the identity's share is handled in ``R_xx``: ``"subtract"``,
                 ``"zero"`` or ``"keep"`` (see :class:`CheferRelevance`).
             output: ``"input"`` maps each row onto its input's shape; ``"token"`` returns the
@@ -144,10 +152,7 @@ class CheferMultiModal(AttentionAttribution):
         Returns:
             One relevance per input (a tuple for a tuple), padding at 0.
         """
-        reads = tuple(
-            Read(self.read_stream, stream, token_index, self.causal_read)
-            for stream in self.input_streams
-        )
+        reads = tuple(Read(self.read_stream, stream, token_index) for stream in self.input_streams)
         spec = ReadSpec(reads, self_relevance, output, num_prefix_tokens, patch_grid)
         return self._explain(
             MultiStreamReader(),

@@ -73,7 +73,7 @@ class CheferSingleStream(CheferMultiModal):
         Returns:
             One relevance per input, shaped like it (a tuple for a tuple).
         """
-        read = Read(self.read_stream, self.read_stream, token_index, causal=False)
+        read = Read(self.read_stream, self.read_stream, token_index)
         spec = ReadSpec(
             (read,),
             self_relevance,

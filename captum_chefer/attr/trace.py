@@ -19,6 +19,7 @@ from ..capture import (
     CallRecord,
     Dependencies,
     Recorder,
+    backward,
     capture_attention,
     check_token_mixing,
     module_scope,
@@ -41,6 +42,16 @@ NOT_ON_PATH = (
 )
 
 
+REENTRANT = (
+    "Reentrant activation checkpointing (use_reentrant=True) ran the attention of {modules} "
+    "without gradients, and torch.autograd.grad cannot go back through it. Switch to "
+    "non-reentrant checkpointing, which gives the same map as none: "
+    "model.activation_checkpointing_enable(activation_checkpointing_kwargs={{'use_reentrant': "
+    "False}}) for Hugging Face (gradient_checkpointing_enable in older releases), "
+    "use_reentrant=False in torch.utils.checkpoint."
+)
+
+
 @dataclass
 class Trace:
     """What one traced forward produced.
@@ -50,14 +61,14 @@ class Trace:
         target: the target that was explained (the argmax when none was given).
         records: the attention calls the explained output depends on, in forward order.
         dependencies: which of those calls each call's inputs depend on.
+        finite: bool ``(B,)``, whether each example's explained output is finite.
     """
 
     output: Tensor
     target: TargetType
     records: list[CallRecord]
     dependencies: Dependencies
-    output_rows: Tensor | None = None
-    """After the backward: bool ``(B, Nq)``, the rows of the last call the output depends on."""
+    finite: Tensor
 
     @property
     def batch(self) -> int:
@@ -72,30 +83,33 @@ def trace_attention(
     target: TargetType,
     additional_forward_args: Any,
     reader: Reader | None,
-    before_backward: Callable[[Trace], None] = lambda trace: None,
+    before_backward: Callable[[Trace, Recorder], None] = lambda trace, recorder: None,
     block_bytes: int | None = None,
     scope_modules: bool = False,
 ) -> Trace:
     """Run ``forward_func`` with attention captured, then back-propagate the selected output.
 
-    ``before_backward`` sees the :class:`Trace` first (the engine prepares the reader there).
-    The backward computes only what the reader needs: gradients flow to a shared anchor
-    leaf per device, never into parameters' ``.grad``, and stop at the first attention layer.
-    Calls the selected output does not depend on are dropped (they add nothing); with
-    ``scope_modules`` every call is tagged with the module that made it.
+    ``before_backward`` sees the :class:`Trace` and the recorder first (the engine plans what
+    to read there, and hooks into the backward). The backward computes only what the reader
+    needs: gradients flow to a shared anchor leaf per device, never into parameters' ``.grad``,
+    and stop at the first attention layer. It runs with the capture still active, so a block
+    that activation checkpointing recomputes goes through the same route. Calls the selected
+    output does not depend on are dropped (they add nothing); with ``scope_modules`` every call
+    is tagged with the module that made it. Only calls made inside ``model`` are captured.
     """
     check_context(inputs, additional_forward_args)
-    recorder = Recorder(reader, block_bytes)
+    recorder = Recorder(reader, block_bytes, model)
     try:
-        with torch.enable_grad():
-            with ExitStack() as stack:
-                if scope_modules:
-                    stack.enter_context(module_scope(model, recorder))
-                stack.enter_context(capture_attention(model, recorder))
-                output = as_tensor(
-                    _run_forward(forward_func, inputs, None, additional_forward_args)
-                )
+        with torch.enable_grad(), ExitStack() as stack:
+            if scope_modules:
+                stack.enter_context(module_scope(model, recorder))
+            stack.enter_context(capture_attention(model, recorder))
+            recorder.track_inputs(inputs)
+            output = as_tensor(_run_forward(forward_func, inputs, None, additional_forward_args))
             warn_if_training(model, recorder, stacklevel=4)
+            if recorder.reentrant:
+                modules = ", ".join(dict.fromkeys(recorder.reentrant[:3]))
+                raise RuntimeError(REENTRANT.format(modules=modules))
             if not recorder.records:
                 check_token_mixing(recorder, model)  # names softmaxes it could not read, if any
                 raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
@@ -106,14 +120,11 @@ def trace_attention(
             dependencies = recorder.keep_on_path(selected)
             if not recorder.records:
                 raise RuntimeError(NOT_ON_PATH)
-            records = recorder.records
-            trace = Trace(output.detach(), target, records, dependencies)
-            before_backward(trace)
+            finite = torch.isfinite(selected.detach()).reshape(-1)
+            trace = Trace(output.detach(), target, recorder.records, dependencies, finite)
+            before_backward(trace, recorder)
             check_token_mixing(recorder, model)
-            anchors = list(recorder.anchors.values())
-            torch.autograd.grad(selected.sum(), anchors, allow_unused=True)
-            if all(makes_tokens for _, makes_tokens in recorder.mixing_on_path):
-                trace.output_rows = recorder.output_rows  # else mixing after attention moves them
+            backward(recorder, selected.sum(), list(recorder.anchors.values()))
     finally:
         recorder.release()  # no cycle through the graph keeps it alive
     return trace
@@ -183,34 +194,6 @@ def default_target(output: Tensor, target: TargetType) -> TargetType:
         f"target=None is ambiguous for an output of shape {tuple(output.shape)}; pass target= "
         "(an int, a tuple, or one per example), or return one value per example."
     )
-
-
-def is_causal(record: CallRecord) -> Tensor | bool:
-    """Whether the call is causal, read off its mask where it has one.
-
-    Causality stays a tensor when it comes from a mask, so that no device sync is needed.
-    """
-    call = record.call
-    if call is not None and call.mask is None:
-        return call.is_causal
-    attendable = record.attendable()
-    assert attendable is not None
-    per_query = attendable.any(1)
-    n_query, n_key = record.shape[2:]
-    square = torch.tensor(n_query == n_key, device=attendable.device)
-    return square & ~per_query.triu(1).any()
-
-
-def real_keys(record: CallRecord) -> Tensor:
-    """Bool ``(B, Nk)``: False at keys no query of ``record`` attends (padding)."""
-    batch, _, _, n_key = record.shape
-    attendable = record.attendable()
-    if attendable is None:
-        assert record.call is not None
-        return torch.ones(batch, n_key, dtype=torch.bool, device=record.call.query.device)
-    while attendable.dim() < 4:  # a causal mask alone is (Nq, Nk)
-        attendable = attendable.unsqueeze(0)
-    return attendable.any(1).any(1).expand(batch, n_key)
 
 
 def _hint(model: nn.Module | None) -> str:

@@ -22,7 +22,15 @@ from .mode import AttentionMode, warn_if_training
 from .modules import module_scope
 from .patches import scoped_method
 from .protocol import mark_attention
-from .recorder import CallRecord, Recorder, active_recorder, check_token_mixing, recording
+from .recorder import (
+    BackwardHook,
+    CallRecord,
+    Recorder,
+    active_recorder,
+    backward,
+    check_token_mixing,
+    recording,
+)
 
 
 @contextmanager
@@ -45,6 +53,8 @@ def capture_attention(model: nn.Module | None, recorder: Recorder) -> Iterator[R
 
 __all__ = [
     "AttentionMode",
+    "BackwardHook",
+    "backward",
     "CallRecord",
     "Dependencies",
     "Recorder",

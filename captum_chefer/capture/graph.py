@@ -40,6 +40,32 @@ class Dependencies:
         pairs = zip(self.on_path, self.on_path[1:])
         return [(a, b) for a, b in pairs if a not in self.below[b]]
 
+    def components(self) -> list[list[int]]:
+        """The calls on the path grouped into independent sets (towers): two calls are in one
+        set when one depends on the other, directly or through others; sets in forward order.
+
+        Example:
+            >>> below = {0: frozenset(), 1: frozenset(), 2: frozenset({0}), 3: frozenset({1})}
+            >>> Dependencies((0, 1, 2, 3), below).components()
+            [[0, 2], [1, 3]]
+        """
+        group = {call: call for call in self.on_path}
+
+        def root(call: int) -> int:
+            while group[call] != call:
+                group[call] = group[group[call]]
+                call = group[call]
+            return call
+
+        for call in self.on_path:
+            for other in self.below[call]:
+                if other in group:
+                    group[root(other)] = root(call)
+        found: dict[int, list[int]] = {}
+        for call in self.on_path:
+            found.setdefault(root(call), []).append(call)
+        return sorted(found.values())
+
 
 def dependencies(output: Tensor, nodes: Sequence[Node | None]) -> Dependencies:
     """Which of the captured calls, whose autograd ``nodes`` are given in forward order,
@@ -60,11 +86,29 @@ def dependencies(output: Tensor, nodes: Sequence[Node | None]) -> Dependencies:
         >>> deps.on_path, sorted(deps.below[1])
         ((0, 1), [0])
     """
+    return dependencies_and_masks(output, nodes)[0]
+
+
+def dependencies_and_masks(
+    output: Tensor, nodes: Sequence[Node | None]
+) -> tuple[Dependencies, dict[Node, int]]:
+    """:func:`dependencies`, and for every node of the graph the ``nodes`` below it (a bit
+    mask over their indexes): what lies above a call is what the model computes from it.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> a = x * 2
+        >>> b = a + 1
+        >>> _, masks = dependencies_and_masks(b.sum(), [a.grad_fn])
+        >>> masks[b.grad_fn], masks[a.grad_fn]
+        (1, 0)
+    """
     index = {node: i for i, node in enumerate(nodes) if node is not None}
     below: dict[Node, int] = {}
     root = output.grad_fn
     if root is None:
-        return Dependencies((), {})
+        return Dependencies((), {}), {}
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, expanded = stack.pop()
@@ -83,10 +127,11 @@ def dependencies(output: Tensor, nodes: Sequence[Node | None]) -> Dependencies:
         below[node] = mask
     reach = below[root] | (1 << index[root] if root in index else 0)
     on_path = tuple(i for i in range(len(nodes)) if reach >> i & 1)
-    return Dependencies(
+    found = Dependencies(
         on_path,
         {i: _bits(below[nodes[i]]) for i in on_path},  # type: ignore[index]
     )
+    return found, below
 
 
 def mixing_outside_attention(found: Dependencies, n_calls: int) -> frozenset[int]:

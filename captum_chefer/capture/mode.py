@@ -37,6 +37,7 @@ import functools
 import inspect
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ class AttentionMode(TorchFunctionMode):
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.recorder = recorder
-        self._sinks: dict[int, Tensor] = {}
+        self._sinks: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 
     def __torch_function__(
         self,
@@ -87,9 +88,10 @@ class AttentionMode(TorchFunctionMode):
             return _multi_head_attention(self.recorder, args, kwargs)
         if func in _DROPOUT:
             self._note_dropout(args, kwargs)
-        if func is Tensor.__getitem__ and self._sinks and id(args[0]) in self._sinks:
+        if func is Tensor.__getitem__ and self._sinks.get(id(args[0])) is args[0]:
             return self._without_sink(func, args, kwargs)
         result = func(*args, **kwargs)
+        self.recorder.note_derived(args, kwargs, result)
         output = result[0] if isinstance(result, tuple) else result
         if not isinstance(output, Tensor) or output.grad_fn is None:
             return result
@@ -481,10 +483,10 @@ def _multi_head_attention(recorder: Recorder, args: tuple, kwargs: dict[str, Any
     output, _ = _mha_through(recorder)(**bound, need_weights=False)
     if not need_weights:
         return output, None
-    record = recorder.records[-1]  # the SDPA call just made, fused or (with dropout) explicit
-    probs = attention_probs(record.call) if record.call is not None else record.probs
+    last = recorder.last  # the SDPA call just made, fused or (with dropout) explicit
+    probs = attention_probs(last) if isinstance(last, AttentionCall) else last
     assert probs is not None
-    weights = probs.to(output.dtype)
+    weights = probs.detach().to(output.dtype)
     if average:
         weights = weights.mean(1)
     if bound["query"].dim() == 2:

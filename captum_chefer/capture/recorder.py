@@ -22,12 +22,21 @@ forward order: a call the output does not depend on has ``dA = 0`` and adds noth
 pass finds the token-mixing operations outside attention (a convolution over the tokens, a
 scan, an FFT, a recurrence) that the explained output depends on: :func:`check_token_mixing`
 refuses a relevance that propagates through attention only where they would be left out.
+
+The recorder keeps no tensor of a call beyond the call: the inputs its backward needs are saved
+with ``ctx.save_for_backward``, so activation checkpointing drops and recomputes them as it does
+the model's own. Non-reentrant checkpointing recomputes a block during the backward, with the
+capture mode still active (:func:`backward`): the recomputation goes through the same autograd
+functions, which saves the same tensors, and makes no new record. Reentrant checkpointing runs
+the block without gradients in the forward and cannot be back-propagated by
+``torch.autograd.grad``: calls made there are noted (:attr:`Recorder.reentrant`) and refused.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,12 +44,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import Variable
 
 from ..core.attention import AttentionCall, attention_backward, block_rows_for
-from ..core.readers import Reader
+from ..core.readers import Reader, TowerReaders
 from .graph import (
     Dependencies,
-    dependencies,
+    dependencies_and_masks,
     mixing_outside_attention,
     reached_past_scores,
     scores_below,
@@ -99,12 +109,10 @@ class MixingRecord:
 
 @dataclass
 class CallRecord:
-    """What the recorder keeps of one attention call during the forward pass."""
+    """What the recorder keeps of one attention call during the forward pass (no tensors)."""
 
     index: int
     shape: tuple[int, int, int, int]
-    call: AttentionCall | None = None
-    probs: Tensor | None = None
     module: str | None = None
     """Qualified name of the innermost module running when the call was made; set only inside
     :func:`~captum_chefer.capture.modules.module_scope`."""
@@ -116,29 +124,41 @@ class CallRecord:
     """Explicit probabilities ``(B*H, 1, N, N)`` whose heads are folded into the batch."""
     superseded: bool = False
     """Replaced by a later record of the same attention (a sink softmax and its slice)."""
+    explicit: bool = False
+    """Explicit probabilities (a softmax the model wrote), not a fused kernel call."""
     owners: tuple[nn.Module, ...] = ()
     """The modules whose forward was running when the call was made, innermost first."""
+    fed_by: frozenset[int] = frozenset()
+    """After :meth:`Recorder.keep_on_path`: the indexes of the explained inputs the call's
+    inputs depend on (see :meth:`Recorder.track_inputs`)."""
 
     def unfold_heads(self, batch: int) -> None:
         """Read folded ``(B*H, 1, N, N)`` probabilities as ``(B, H, N, N)`` (batch-major)."""
         if self.folded and self.shape[0] % batch == 0:
             self.shape = (batch, self.shape[0] // batch, *self.shape[2:])
 
-    def attendable(self) -> Tensor | None:
-        """Bool ``(B|1, H|1, Nq, Nk)`` of the (query, key) positions attended, or None when all
-        are (the call's :meth:`~captum_chefer.core.attention.AttentionCall.attendable`)."""
-        if self.call is not None:
-            return self.call.attendable()
-        assert self.probs is not None
-        return self.probs.detach().reshape(self.shape) > 0
+
+BackwardHook = Callable[[CallRecord, Tensor], None]
+"""Called as ``hook(record, grad)`` when a kept call's backward starts, before its blocks reach
+the reader: ``grad`` is ``dO`` ``(B, H, Nq, Dv)`` of a kernel call or ``dA`` ``(B, H, Nq, Nk)`` of
+explicit probabilities (the engine reads the rows the output depends on from it)."""
 
 
 @dataclass
 class Recorder:
-    """Collects attention calls in forward order and feeds their backward to a reader."""
+    """Collects attention calls in forward order and feeds their backward to a reader.
 
-    reader: Reader | None = None
+    Args:
+        reader: receives each kept call's ``(A, dA)`` blocks during the backward.
+        block_bytes: memory for one recomputed block (see
+            :func:`~captum_chefer.core.attention.block_rows_for`).
+        model: only calls made in this module or its submodules are captured (None: every
+            call on this thread).
+    """
+
+    reader: Reader | TowerReaders | None = None
     block_bytes: int | None = None
+    model: nn.Module | None = None
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
     """One gradient leaf per device that attention ran on."""
     records: list[CallRecord] = field(default_factory=list)
@@ -153,18 +173,41 @@ class Recorder:
     a first attention layer (it then takes part in making the tokens)."""
     batch: int | None = None
     """After :meth:`keep_on_path`: the explained batch size."""
-    output_rows: Tensor | None = None
-    """After the backward: bool ``(B, Nq)``, the query rows of the last captured call whose
-    output the explained output depends on (the tokens the model's output is computed from)."""
     root: nn.Module | None = None
     """The outermost module running when the first call or mixing operation was seen: where
     the layer stacks are looked for when the attribution was given no model."""
-    _outputs: dict[int, Tensor] = field(default_factory=dict)
+    in_backward: bool = False
+    """Set by :func:`backward`: calls seen now are a checkpointed block's recomputation."""
+    on_backward: BackwardHook | None = None
+    """Called when a kept call's backward starts (see :data:`BackwardHook`)."""
+    reentrant: list[str] = field(default_factory=list)
+    """Modules whose attention ran without gradients inside reentrant activation checkpointing
+    (``use_reentrant=True``): those layers cannot be read."""
+    hooks: list[Any] = field(default_factory=list)
+    """Handles of hooks registered on autograd nodes for this attribution; :meth:`release`
+    removes them."""
+    last: AttentionCall | Tensor | None = None
+    """The inputs (or probabilities) of the latest call, while the forward runs, for the
+    weights that ``nn.MultiheadAttention`` returns."""
+    _model_modules: set[int] | None = None
+    _outputs: weakref.WeakValueDictionary[int, Tensor] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
     _by_output: dict[int, CallRecord] = field(default_factory=dict)
     _made: list[CallRecord] = field(default_factory=list)
     """Every record made, kept or not: :meth:`release` clears them all."""
     _nodes: set[Any] = field(default_factory=set)
     """The autograd nodes of the captured outputs, as they are captured."""
+    _inputs: weakref.WeakValueDictionary[int, Tensor] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+    _input_index: dict[int, frozenset[int]] = field(default_factory=dict)
+    _input_nodes: list[tuple[Any, frozenset[int]]] = field(default_factory=list)
+    """Autograd nodes made from the explained inputs, with the inputs' indexes."""
+    _below_masks: dict[Any, int] = field(default_factory=dict)
+    """After :meth:`keep_on_path`: for every graph node, the calls below it (a bit mask over
+    the calls' indexes before renumbering, :attr:`_kept`)."""
+    _kept: tuple[int, ...] = ()
 
     def anchor(self, device: torch.device) -> Tensor:
         """The gradient leaf of ``device``, made on first use."""
@@ -172,13 +215,34 @@ class Recorder:
             self.anchors[device] = torch.zeros((), device=device, requires_grad=True)
         return self.anchors[device]
 
-    def _new_record(self, shape: tuple[int, int, int, int]) -> CallRecord:
+    def captures(self) -> tuple[nn.Module, ...] | None:
+        """The modules running now, or None where a call made now is not the model's (made in
+        no module of :attr:`model`): it runs as it is, in the forward and in a recomputation
+        alike."""
+        owners = running_modules()
+        if self.model is None:
+            return owners
+        if self._model_modules is None:
+            self._model_modules = {id(module) for module in self.model.modules()}
+        inside = self._model_modules
+        return owners if any(id(owner) in inside for owner in owners) else None
+
+    def _new_record(
+        self, shape: tuple[int, int, int, int], owners: tuple[nn.Module, ...], probe: Tensor
+    ) -> CallRecord:
         record = CallRecord(len(self.records), shape, module=self.scope[-1] if self.scope else None)
-        record.owners = running_modules()
+        record.owners = owners
+        if not probe.requires_grad and not torch.is_grad_enabled() and in_reentrant_checkpoint():
+            name, kind = where(owners, self._names())
+            self.reentrant.append(f"{name} ({kind})" if name else kind or "the forward")
         self._see_root()
         self.records.append(record)
         self._made.append(record)
         return record
+
+    def _names(self) -> dict[int, str]:
+        model = self.model if self.model is not None else outermost_module()
+        return {id(module): name for name, module in model.named_modules()} if model else {}
 
     def note_mixing(
         self,
@@ -192,6 +256,8 @@ class Recorder:
     ) -> None:
         """Note an operation outside attention that mixes tokens, whose output is ``output``
         (the fields are :class:`MixingRecord`'s)."""
+        if self.in_backward:
+            return
         record = MixingRecord(
             description,
             running_modules(),
@@ -204,6 +270,44 @@ class Recorder:
         )
         self.mixing.append(record)
         self._see_root()
+
+    def track_inputs(self, inputs: tuple[Tensor, ...]) -> None:
+        """Follow which autograd nodes are made from ``inputs`` (by position) in the forward.
+
+        Tensors computed from a tracked tensor without gradients (a view, a cast, a mask of the
+        ids) are tracked in turn; the first operations that make a tensor with gradients from
+        one (an embedding lookup, a patch convolution, an addition to a position embedding) are
+        noted with the inputs' indexes (see :meth:`note_derived`).
+        """
+        for index, tensor in enumerate(inputs):
+            if isinstance(tensor, Tensor):
+                self._track(tensor, frozenset({index}))
+
+    def _track(self, tensor: Tensor, indexes: frozenset[int]) -> None:
+        known = (
+            self._input_index.get(id(tensor)) if self._inputs.get(id(tensor)) is tensor else None
+        )
+        self._inputs[id(tensor)] = tensor
+        self._input_index[id(tensor)] = indexes | known if known else indexes
+
+    def note_derived(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+        """Propagate input tracking from the tensor arguments of one operation to its result."""
+        if not self._inputs or self.in_backward:
+            return
+        found: frozenset[int] = frozenset()
+        for arg in (*args, *kwargs.values()):
+            for tensor in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(tensor, Tensor) and self._inputs.get(id(tensor)) is tensor:
+                    found |= self._input_index[id(tensor)]
+        if not found:
+            return
+        for output in result if isinstance(result, (list, tuple)) else (result,):
+            if not isinstance(output, Tensor):
+                continue
+            if output.grad_fn is not None:
+                self._input_nodes.append((output.grad_fn, found))
+            else:
+                self._track(output, found)
 
     def _see_root(self) -> None:
         if self.root is None:
@@ -220,12 +324,23 @@ class Recorder:
         the attribution has failed.
         """
         for record in self._made:
-            record.node = record.call = record.probs = None
+            record.node = None
+            record.owners = ()
         for op in (*self.mixing, *(op for op, _ in self.mixing_on_path)):
             op.node = None
+            op.owners = ()
         self._outputs.clear()
         self._by_output.clear()
         self._nodes.clear()
+        self._inputs.clear()
+        self._input_index.clear()
+        self._input_nodes.clear()
+        self._below_masks.clear()
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+        self.last = None
+        self.on_backward = None
 
     def captured_nodes(self) -> set[Any]:
         """The autograd nodes of the calls captured so far."""
@@ -240,7 +355,9 @@ class Recorder:
 
     def supersede(self, output: Tensor) -> None:
         """Drop the record of the captured ``output``: a later record replaces it."""
-        record = self._by_output[id(output)]
+        record = self._by_output.get(id(output))
+        if record is None:  # not recorded: outside the model, or recomputed in the backward
+            return
         record.superseded = True
         self.records.remove(record)
         for index, kept in enumerate(self.records):
@@ -254,24 +371,28 @@ class Recorder:
         """Keep only the calls ``output`` depends on, renumbered in forward order, and unfold
         folded heads against the explained batch ``output.shape[0]``.
 
-        Returns the dependencies in the new numbering.
+        Also notes, for each kept call, the explained inputs it depends on (``fed_by``), and
+        for every graph node the kept calls below it (:meth:`nodes_above`). Returns the
+        dependencies in the new numbering.
         """
+        self.last = None
         self.batch = output.shape[0] if output.dim() else 1
         for record in self.records:
             record.unfold_heads(self.batch)
-        n_calls = len(self.records)
-        nodes = [record.node for record in self.records] + [op.node for op in self.mixing]
-        every = dependencies(output, nodes)
+        n_calls, n_mixing = len(self.records), len(self.mixing)
+        tags = [node for node, _ in self._input_nodes]
+        nodes = [record.node for record in self.records] + [op.node for op in self.mixing] + tags
+        every, masks = dependencies_and_masks(output, nodes)
         outside = mixing_outside_attention(every, n_calls)
-        mixing = [i for i in every.on_path if i >= n_calls]
+        mixing = [i for i in every.on_path if n_calls <= i < n_calls + n_mixing]
         if mixing:  # only what moves content from token to token, not what shapes the scores
             content: dict[Any, tuple[int, ...]] = {
-                r.node: _CONTENT_INPUTS if r.call else () for r in self.records
+                r.node: () if r.explicit else _CONTENT_INPUTS for r in self.records
             }
             reached = reached_past_scores(output, content)
             read_out = _read_out(output)
             products = {op.node for op in self.mixing if op.per_token}
-            probs = [r.node for r in self.records if r.call is None and r.node is not None]
+            probs = [r.node for r in self.records if r.explicit and r.node is not None]
             reached -= scores_below(probs, products) if products and probs else set()
             mixing = [
                 i
@@ -282,22 +403,34 @@ class Recorder:
         self.mixing_on_path = [(self.mixing[i - n_calls], i not in outside) for i in mixing]
         self.mixing.clear()
         calls = tuple(i for i in every.on_path if i < n_calls)
-        found = Dependencies(
-            calls, {i: frozenset(j for j in every.below[i] if j < n_calls) for i in calls}
-        )
-        renumber = {old: new for new, old in enumerate(found.on_path)}
-        kept = [self.records[old] for old in found.on_path]
+        renumber = {old: new for new, old in enumerate(calls)}
+        kept = [self.records[old] for old in calls]
+        first_tag = n_calls + n_mixing
         for record in kept:
-            record.depends_on_captured = bool(found.below[record.index])
+            under = every.below[record.index]
+            record.depends_on_captured = any(j < n_calls for j in under)
+            record.fed_by = frozenset(
+                index
+                for j in under
+                if j >= first_tag
+                for index in self._input_nodes[j - first_tag][1]
+            )
             record.index = renumber[record.index]
         self.records[:] = kept
         self._outputs.clear()
         self._by_output.clear()
+        self._below_masks, self._kept = masks, calls
         below = {
-            renumber[old]: frozenset(renumber[i] for i in calls if i in renumber)
-            for old, calls in found.below.items()
+            renumber[old]: frozenset(renumber[j] for j in every.below[old] if j in renumber)
+            for old in calls
         }
         return Dependencies(tuple(range(len(kept))), below)
+
+    def nodes_above(self, index: int) -> list[Any]:
+        """The autograd nodes that kept call ``index`` lies below (after :meth:`keep_on_path`):
+        what the model computes from that call's output on the way to the explained output."""
+        old = self._kept[index]
+        return [node for node, mask in self._below_masks.items() if mask >> old & 1]
 
     def attention(
         self,
@@ -305,21 +438,27 @@ class Recorder:
         call: AttentionCall,
         kernel_kwargs: dict[str, Any],
     ) -> Tensor:
-        """Run ``kernel(q, k, v, attn_mask=mask, **kernel_kwargs)`` and capture it for backward."""
-        record = self._new_record(call.shape)
-        record.call = call
+        """Run ``kernel(q, k, v, attn_mask=mask, **kernel_kwargs)`` and capture it for backward.
+
+        A call outside :attr:`model` runs the kernel as it is; one recomputed during the
+        backward goes through the same autograd function without a record.
+        """
+        owners = self.captures()
+        if owners is None:
+            return kernel(call.query, call.key, call.value, attn_mask=call.mask, **kernel_kwargs)
+        record = None if self.in_backward else self._new_record(call.shape, owners, call.query)
+        self.last = call
         output = _CapturedKernel.apply(
             self,
             record,
-            kernel,
-            kernel_kwargs,
+            (kernel, kernel_kwargs, call.is_causal, call.scale),
             self.anchor(call.query.device),
             call.query,
             call.key,
             call.value,
             call.mask,
         )
-        return self._keep(record, output)
+        return self._keep(record, output) if record is not None else output
 
     def probabilities(self, probs: Tensor, folded: bool = False) -> Tensor:
         """Pass explicit probabilities ``(B, H, Nq, Nk)`` through; their backward sees ``dA``.
@@ -329,26 +468,29 @@ class Recorder:
         """
         if self.is_captured(probs):
             return probs
-        record = self._new_record(tuple(probs.shape))  # type: ignore[arg-type]
-        record.probs = probs.detach()
-        record.folded = folded
+        owners = self.captures()
+        if owners is None:
+            return probs
+        record = None
+        if not self.in_backward:
+            record = self._new_record(tuple(probs.shape), owners, probs)  # type: ignore[arg-type]
+            record.folded = folded
+            record.explicit = True
+        self.last = probs
         output = _CapturedProbs.apply(self, record, self.anchor(probs.device), probs)
-        return self._keep(record, output)
+        return self._keep(record, output) if record is not None else output
 
-    def _note_output_rows(self, record: CallRecord, grad: Tensor) -> None:
-        if record.index == len(self.records) - 1:
-            batch, heads, n_query, _ = record.shape
-            used = grad.detach().reshape(batch, heads, n_query, -1).abs().amax((1, 3)) > 0
-            self.output_rows = used
-
-    def backward_call(self, record: CallRecord, call: AttentionCall, grad_output: Tensor):
-        self._note_output_rows(record, grad_output)
-        reader = self.reader
+    def backward_call(self, record: CallRecord | None, call: AttentionCall, grad_output: Tensor):
+        """The input gradients of one kernel call; its blocks go to the reader if it is kept."""
+        reader = self.reader if record is not None and not record.superseded else None
+        if record is not None and self.on_backward is not None:
+            self.on_backward(record, grad_output)
         if reader is not None:
+            assert record is not None
             reader.begin_layer(record.index, record.shape)
 
         def feed(rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
-            assert reader is not None
+            assert reader is not None and record is not None
             reader.add_block(record.index, rows, probs, grad_probs)
 
         grads = attention_backward(
@@ -356,21 +498,23 @@ class Recorder:
             grad_output,
             feed if reader is not None else None,
             block_rows_for(call, self.block_bytes),
-            need_input_grads=record.depends_on_captured,
+            need_input_grads=record is None or record.depends_on_captured,
             key_prefix_blocks=reader is not None and reader.key_prefix_blocks,
         )
         if reader is not None:
+            assert record is not None
             reader.end_layer(record.index)
         return grads
 
-    def backward_probs(self, record: CallRecord, grad_probs: Tensor) -> None:
-        if record.superseded:
+    def backward_probs(self, record: CallRecord | None, probs: Tensor, grad_probs: Tensor) -> None:
+        """Hand explicit probabilities and their gradient to the reader, if the call is kept."""
+        if record is None or record.superseded:
             return
-        self._note_output_rows(record, grad_probs)
+        probs, grad_probs = probs.reshape(record.shape), grad_probs.reshape(record.shape)
+        if self.on_backward is not None:
+            self.on_backward(record, grad_probs)
         if self.reader is None:
             return
-        assert record.probs is not None
-        probs, grad_probs = record.probs.reshape(record.shape), grad_probs.reshape(record.shape)
         self.reader.begin_layer(record.index, record.shape)
         # A copy: the reader may overwrite grad_probs, which autograd passes on below.
         grad_probs = grad_probs.to(torch.float32, copy=True)
@@ -383,22 +527,28 @@ _CONTENT_INPUTS = (3,)
 
 
 class _CapturedKernel(torch.autograd.Function):
-    """The model's own kernel forward; an exact block-wise backward that feeds a reader."""
+    """The model's own kernel forward; an exact block-wise backward that feeds a reader.
+
+    The query, key, value and mask are saved with ``save_for_backward`` (activation
+    checkpointing may drop and recompute them); the backward runs with torch-function modes
+    off, so that its own softmax and products are never taken for the model's.
+    """
 
     @staticmethod
-    def forward(ctx, recorder, record, kernel, kwargs, anchor, query, key, value, mask):
-        ctx.recorder, ctx.record = recorder, record
+    def forward(ctx, recorder, record, options, anchor, query, key, value, mask):
+        kernel, kwargs, is_causal, scale = options
+        ctx.recorder, ctx.record, ctx.options = recorder, record, (is_causal, scale)
+        ctx.save_for_backward(query, key, value, mask)
         with torch.no_grad():
             return kernel(query, key, value, attn_mask=mask, **kwargs)
 
     @staticmethod
     def backward(ctx, grad_output):
-        record = ctx.record
-        d_query, d_key, d_value, d_mask = ctx.recorder.backward_call(
-            record, record.call, grad_output
-        )
-        record.call = None
-        return None, None, None, None, None, d_query, d_key, d_value, d_mask
+        query, key, value, mask = ctx.saved_tensors
+        call = AttentionCall(query, key, value, mask, *ctx.options)
+        with torch._C.DisableTorchFunction():
+            grads = ctx.recorder.backward_call(ctx.record, call, grad_output)
+        return (None, None, None, None, *grads)
 
 
 class _CapturedProbs(torch.autograd.Function):
@@ -407,13 +557,56 @@ class _CapturedProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, recorder, record, anchor, probs):
         ctx.recorder, ctx.record = recorder, record
+        ctx.save_for_backward(probs)
         return probs.view_as(probs)
 
     @staticmethod
     def backward(ctx, grad_probs):
-        ctx.recorder.backward_probs(ctx.record, grad_probs)
-        ctx.record.probs = None
+        (probs,) = ctx.saved_tensors
+        with torch._C.DisableTorchFunction():
+            ctx.recorder.backward_probs(ctx.record, probs.detach(), grad_probs)
         return None, None, None, grad_probs
+
+
+def backward(recorder: Recorder, outputs: Tensor, inputs: list[Tensor]) -> None:
+    """``torch.autograd.grad(outputs, inputs)`` with the capture mode active on this thread.
+
+    Called from inside the capture block. ``torch.autograd.grad`` itself would be dispatched
+    through the mode, which turns itself off while it handles a call, so the engine is run
+    directly: a block that non-reentrant activation checkpointing recomputes during the
+    backward then runs through the same capture route as in the forward (the same autograd
+    functions, so the same saved tensors), and the autograd engine carries the mode to its
+    worker threads. No ``.grad`` is written.
+    """
+    recorder.in_backward = True
+    try:
+        Variable._execution_engine.run_backward(
+            (outputs,), (torch.ones_like(outputs),), False, False, tuple(inputs), True, False
+        )
+    finally:
+        recorder.in_backward = False
+
+
+def in_reentrant_checkpoint() -> bool:
+    """Whether the caller runs inside ``torch.utils.checkpoint``'s reentrant forward."""
+    code = _REENTRANT_FORWARD
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _reentrant_forward() -> Any:
+    try:
+        from torch.utils.checkpoint import CheckpointFunction
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return None
+    return CheckpointFunction.forward.__code__
+
+
+_REENTRANT_FORWARD = _reentrant_forward()
 
 
 def running_modules() -> tuple[nn.Module, ...]:

@@ -142,8 +142,9 @@ class AttentionGradCAMReader(_LastLayerReader):
     """Attention Grad-CAM (Chefer, Gur & Wolf, CVPR 2021, their baseline).
 
     On the last layer, each head's attention row ``a_h = sᵀA_h`` is weighted by the mean of
-    its gradient row ``g_h = sᵀdA_h`` over the real tokens after the prefix (the patches of a
-    ViT); then the head mean is clamped: ``clamp(mean_h(a_h · mean_p g_h[p]), min=0)``.
+    its gradient row ``g_h = sᵀdA_h`` over the tokens the read rows attend after the prefix
+    (the patches of a ViT; padding, which no row attends, is left out); then the head mean is
+    clamped: ``clamp(mean_h(a_h · mean_p g_h[p]), min=0)``.
 
     Example:
         >>> reader = AttentionGradCAMReader()
@@ -171,8 +172,9 @@ class AttentionGradCAMReader(_LastLayerReader):
     ) -> Tensor:
         assert isinstance(self._probs, Tensor) and isinstance(self._grads, Tensor)
         setup = self._setup
-        index = torch.arange(setup.real.shape[1], device=setup.real.device)
-        positions = (setup.real & (index >= setup.num_prefix_tokens)).float().unsqueeze(1)
+        attended = self._probs.sum(1) > 0  # the tokens the read rows attend: not padding
+        index = torch.arange(attended.shape[1], device=attended.device)
+        positions = (attended & (index >= setup.num_prefix_tokens)).float().unsqueeze(1)
         weights = (self._grads * positions).sum(-1, keepdim=True)
         weights = weights / positions.sum(-1, keepdim=True).clamp_min(1.0)
         row = (self._probs * weights).mean(1).clamp(min=0)

@@ -1,10 +1,14 @@
 """The reader protocol: what every relevance rule does with each layer's ``(A, dA)`` blocks.
 
-Every attribution class runs the same flow (see :mod:`captum_chefer.attr.engine`): before the
-backward pass its reader learns which rows of ``R`` to read and which streams the attention
-calls connect (:meth:`Reader.prepare`); during it the reader receives each layer's blocks,
-last layer first (``begin_layer``, ``add_block`` once per block of query rows, ``end_layer``);
-afterwards :meth:`Reader.read` returns one relevance row ``(B, N)`` per example and stream.
+Every attribution class runs the same flow (see :mod:`captum_chefer.attr.engine`): the reader
+learns which rows of ``R`` to read and which streams the attention calls connect
+(:meth:`Reader.prepare`) as soon as the backward has shown which rows the output is computed
+from: a one-stream reader when its stream's last layer arrives, before any of its blocks; a
+multi-stream reader after the backward. During the backward the reader receives each layer's
+blocks, last layer first (``begin_layer``, ``add_block`` once per block of query rows,
+``end_layer``); afterwards :meth:`Reader.read` returns one relevance row ``(B, N)`` per
+example and stream. :class:`TowerReaders` runs a one-stream reader on each of several
+independent chains of layers (towers).
 What a reader can do is declared in the protocol's attributes, never probed.
 
 Chefer et al.'s self-attention readers are here; the baselines' are in
@@ -14,6 +18,7 @@ Chefer et al.'s self-attention readers are here; the baselines' are in
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,8 +67,10 @@ class ReadSetup:
 
     Attributes:
         row_weights: ``(B, N)`` weights of the rows of ``R`` read, over the read stream's
-            tokens: one-hot, or uniform over the real tokens for ``token_index="mean"``.
-        real: bool ``(B, N)`` over the read stream, False at padding.
+            tokens: one-hot, or uniform over the rows the output is computed from.
+        real: bool ``(B, N)`` over the read stream. The engine passes all True: padding gets 0
+            from the attention itself (no row on the output's path attends to it), so no
+            reader needs a mask.
         n_layers: number of attention calls the explained output depends on.
         num_prefix_tokens: tokens before the patch grid (CLS, distillation); 0 for text.
         layout: the streams the calls connect; None for one stream.
@@ -123,7 +130,7 @@ class Reader(Protocol):
     propagates_through_layers: ClassVar[bool]
 
     def prepare(self, setup: ReadSetup) -> None:
-        """Called once after the forward pass, before any layer arrives."""
+        """Called once, before any block of the read stream arrives (see the module)."""
 
     def begin_layer(self, index: int, shape: tuple[int, ...]) -> None:
         """Layer ``index`` (forward order) starts; ``shape`` is ``(B, H, Nq, Nk)``."""
@@ -176,6 +183,71 @@ def check_last_first(previous: int | None, index: int, what: str) -> int:
             "folded in last layer first; this model's layers do not form a chain."
         )
     return index
+
+
+class TowerReaders:
+    """A one-stream reader on each of several independent chains of attention layers (towers:
+    one transformer per input feature, a siamese forward), each with its own rows.
+
+    Layers keep their indexes in the whole forward; each tower's reader sees them renumbered
+    ``0 … L_t − 1`` in its own tower, so ``start_layer`` counts within each tower. A tower's
+    reader is prepared with a setup whose ``layout.read`` names the tower.
+
+    Args:
+        reader: an unprepared one-stream reader; each tower gets a copy.
+        layout: the towers, one stream each, every call self-attention within its stream.
+
+    Example:
+        >>> layout = StreamLayout({"a": 2, "b": 2}, (((0, "a", "a"),), ((1, "b", "b"),)), "a")
+        >>> towers = TowerReaders(CheferRowReader(), layout)
+        >>> towers.n_layers("b")
+        1
+    """
+
+    multi_stream: ClassVar[bool] = True
+
+    def __init__(self, reader: Reader, layout: StreamLayout) -> None:
+        self.start_layer = reader.start_layer
+        self.key_prefix_blocks = reader.key_prefix_blocks
+        self.identity_row = reader.identity_row
+        self.propagates_through_layers = reader.propagates_through_layers
+        self._readers = {stream: copy.deepcopy(reader) for stream in layout.sizes}
+        self._local: dict[int, tuple[str, int]] = {}
+        counts = dict.fromkeys(layout.sizes, 0)
+        for step in layout.steps:
+            for index, query, _key in step:
+                self._local[index] = (query, counts[query])
+                counts[query] += 1
+        self._counts = counts
+
+    def n_layers(self, stream: str) -> int:
+        """The number of layers of tower ``stream``."""
+        return self._counts[stream]
+
+    def prepare(self, setup: ReadSetup) -> None:
+        assert setup.layout is not None, "a tower's setup names it in layout.read"
+        self._readers[setup.layout.read].prepare(setup)
+
+    def begin_layer(self, index: int, shape: tuple[int, ...]) -> None:
+        stream, local = self._local[index]
+        self._readers[stream].begin_layer(local, shape)
+
+    def add_block(self, index: int, rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
+        stream, local = self._local[index]
+        self._readers[stream].add_block(local, rows, probs, grad_probs)
+
+    def end_layer(self, index: int) -> None:
+        stream, local = self._local[index]
+        self._readers[stream].end_layer(local)
+
+    def read(
+        self,
+        self_relevance: SelfRelevance,
+        stream: str | None = None,
+        read_stream: str | None = None,
+    ) -> Tensor:
+        assert stream is not None, "name the tower to read"
+        return self._readers[stream].read(self_relevance)
 
 
 class AbarStore:

@@ -1,7 +1,13 @@
 """Which rows of ``R`` to read, and what to do with the read tokens' identity share.
 
+Which rows the explained output is computed from is read off the gradient (see
+:mod:`captum_chefer.attr.reads`): :func:`rows_with_gradient` gives the query rows of an attention
+call that get a gradient, :func:`mean_of_rows` and :func:`one_hot_rows` turn rows into weights,
+and :func:`row_projections` with :func:`equal_rows` tell whether the output weighs those rows
+alike (a mean pooling) from the gradient of the tokens' final states.
+
 Names used throughout: ``real`` is the bool mask ``(B, N)`` of real tokens (False at padding);
-*row weights* ``(B, N)`` are the rows of ``R`` read, one-hot or uniform over the real tokens;
+*row weights* ``(B, N)`` are the rows of ``R`` read, one-hot or uniform over several rows;
 ``self_relevance`` is what happens to the read tokens' identity share (not to be confused with
 ``R_xx``, the relevance of a stream to itself, :mod:`~captum_chefer.core.bimodal`). How a row
 then lands on the inputs is :mod:`~captum_chefer.core.mapping`.
@@ -70,6 +76,119 @@ def row_weights(token_index: TokenIndex, real: Tensor, causal: bool | Tensor) ->
     rows = F.one_hot(index, size).float()
     _check_reads_real_tokens(rows, real, token_index)
     return rows
+
+
+def rows_with_gradient(grad: Tensor) -> Tensor:
+    """Bool ``(B, N)``: the query rows of one attention call whose gradient is not zero.
+
+    Args:
+        grad: ``dO`` ``(B, H, N, Dv)`` of a kernel call, or ``dA`` ``(B, H, N, Nk)``.
+
+    Example:
+        >>> grad = torch.zeros(1, 2, 3, 4)
+        >>> grad[0, 1, 2, 0] = 0.5
+        >>> rows_with_gradient(grad)
+        tensor([[False, False,  True]])
+    """
+    return torch.linalg.vector_norm(grad, dim=(1, 3)) > 0
+
+
+def mean_of_rows(rows: Tensor) -> Tensor:
+    """Row weights ``(B, N)`` uniform over ``rows`` (bool ``(B, N)``); 0 where an example has none.
+
+    Example:
+        >>> mean_of_rows(torch.tensor([[True, False, True], [False, False, False]]))
+        tensor([[0.5000, 0.0000, 0.5000],
+                [0.0000, 0.0000, 0.0000]])
+    """
+    weights = rows.float()
+    return weights / weights.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def one_hot_rows(token_index: int | Tensor, batch: int, size: int, device: torch.device) -> Tensor:
+    """Row weights ``(B, N)``, one-hot at ``token_index`` (an int, negative from the end, or a
+    LongTensor ``(B,)``); an index outside ``[-N, N)`` gives a zero row (the caller refuses it).
+
+    Example:
+        >>> one_hot_rows(torch.tensor([0, -1]), 2, 3, torch.device("cpu"))
+        tensor([[1., 0., 0.],
+                [0., 0., 1.]])
+    """
+    if isinstance(token_index, Tensor):
+        index = per_example(token_index.to(device), batch, TOO_FEW_INDEXES)
+    else:
+        index = torch.full((batch,), int(token_index), device=device, dtype=torch.long)
+    index = torch.where(index < 0, index + size, index)
+    positions = torch.arange(size, device=device)
+    return (positions[None, :] == index[:, None]).float()
+
+
+def index_in_range(token_index: int | Tensor, batch: int, size: int) -> Tensor | bool:
+    """Whether each example's ``token_index`` lies in ``[-N, N)``: a bool for an int, a bool
+    tensor ``(B,)`` for a LongTensor (checked on its device, without a sync).
+
+    Example:
+        >>> index_in_range(3, 2, 3), index_in_range(torch.tensor([0, -4]), 2, 3)
+        (False, tensor([ True, False]))
+    """
+    if isinstance(token_index, Tensor):
+        index = per_example(token_index, batch, TOO_FEW_INDEXES)
+        return (index >= -size) & (index < size)
+    return -size <= int(token_index) < size
+
+
+def row_projections(grad: Tensor, chunk_bytes: int = 64 * 2**20) -> tuple[Tensor, Tensor]:
+    """Each row's norm and its projection on a fixed pseudo-random unit direction, ``(B, N)``
+    float32 each, from a gradient ``(B, N, ...)`` over the tokens.
+
+    Two rows with the same gradient have the same projection; two different ones almost surely
+    not (their projections differ by about ``‖g_i − g_j‖ / √F`` for ``F`` features, far above
+    float32 rounding). The direction is made on the gradient's device, so nothing is copied
+    from the host; the projection runs in float32, ``chunk_bytes`` of rows at a time.
+
+    Example:
+        >>> grad = torch.tensor([[[1.0, 2.0], [1.0, 2.0], [2.0, 1.0]]])
+        >>> _, p = row_projections(grad)
+        >>> bool(p[0, 0] == p[0, 1]), bool(p[0, 0] == p[0, 2])
+        (True, False)
+    """
+    flat = grad.reshape(grad.shape[0], grad.shape[1], -1)
+    direction = _direction(flat.shape[-1], flat.device)
+    norms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32)
+    step = max(1, chunk_bytes // max(1, 4 * flat.shape[0] * flat.shape[2]))
+    projections = torch.cat(
+        [
+            torch.matmul(flat[:, start : start + step].float(), direction)
+            for start in range(0, flat.shape[1], step)
+        ],
+        dim=1,
+    )
+    return norms, projections
+
+
+def _direction(size: int, device: torch.device) -> Tensor:
+    """A fixed pseudo-random unit vector ``(size,)`` in float32."""
+    positions = torch.arange(size, device=device, dtype=torch.float32)
+    vector = torch.frac(torch.sin(positions * 12.9898 + 78.233).abs() * 43758.5453) - 0.5
+    return vector / torch.linalg.vector_norm(vector)
+
+
+def equal_rows(rows: Tensor, norms: Tensor, projections: Tensor, relative: float = 1e-5) -> Tensor:
+    """Bool ``(B,)``: whether the gradient rows ``rows`` are all alike and no other row has one.
+
+    ``norms`` and ``projections`` come from :func:`row_projections`; projections of equal rows
+    may differ by rounding, which ``relative`` bounds relative to the largest row norm. An
+    example with one row (or none) passes.
+
+    Example:
+        >>> grad = torch.tensor([[[1.0, 2.0], [1.0, 2.0], [0.0, 0.0]]])
+        >>> equal_rows(torch.tensor([[True, True, False]]), *row_projections(grad))
+        tensor([True])
+    """
+    inside = torch.where(rows, projections, float("nan"))
+    spread = inside.nan_to_num(float("-inf")).amax(1) - inside.nan_to_num(float("inf")).amin(1)
+    alike = spread <= relative * norms.amax(1)
+    return ((norms > 0) == rows).all(1) & (alike | (rows.sum(1) <= 1))
 
 
 TOO_FEW_INDEXES = "token_index has {n} entries for a batch of {batch}; give one index per example."

@@ -19,18 +19,18 @@ from .streams import StreamMap
 class Family:
     """How a family's attention calls form streams, and how its inputs are read.
 
+    Which tokens of the read stream are read is not part of an entry: ``token_index="auto"``
+    reads the rows the output is computed from, seen in the backward.
+
     Attributes:
         streams: which stream pair each attention call connects, by the calling module.
         reads: per input, ``(read stream, input stream)``: the input's relevance is a row of
             ``R_{read stream, input stream}``.
-        causal_read: whether ``token_index="auto"`` reads the last real token of the read
-            stream (True) or the first (False).
         model_types: the ``config.model_type`` values the family is picked for.
     """
 
     streams: StreamMap
     reads: tuple[tuple[str, str], ...]
-    causal_read: bool
     model_types: tuple[str, ...] = ()
 
     @property
@@ -63,7 +63,6 @@ FAMILIES: dict[str, Family] = {
             )
         ),
         (("decoder", "encoder"), ("decoder", "decoder")),
-        causal_read=True,
     ),
     # LXMERT: language and vision self-attention, then cross layers (both directions, one
     # step); read at the text CLS.
@@ -79,7 +78,6 @@ FAMILIES: dict[str, Family] = {
             )
         ),
         (("text", "text"), ("text", "image")),
-        causal_read=False,
         model_types=("lxmert",),
     ),
     # ViLT, VisualBERT: self-attention over the joint text-and-image sequence, split back per
@@ -87,7 +85,6 @@ FAMILIES: dict[str, Family] = {
     "single-stream": Family(
         StreamMap(((r"", (("joint", "joint"),)),)),
         (("joint", "joint"),),
-        causal_read=False,
     ),
     # CLIP, SigLIP: two towers, each attending within itself; SigLIP's attention-pooling head
     # is a query stream "probe" that the image is read from (CheferDualEncoder).
@@ -101,7 +98,6 @@ FAMILIES: dict[str, Family] = {
             pooled_by={"image": "probe"},
         ),
         (("image", "image"), ("text", "text")),
-        causal_read=False,
     ),
     # BLIP image-text matching (BlipForImageTextRetrieval, use_itm_head=True): a ViT, and a
     # text encoder whose layers attend to the image after their self-attention; the score is
@@ -115,7 +111,6 @@ FAMILIES: dict[str, Family] = {
             )
         ),
         (("text", "text"), ("text", "image")),
-        causal_read=False,
         model_types=("blip",),
     ),
 }
