@@ -373,11 +373,17 @@ def _timm(name, **kwargs):
     ids=["hf swin", "timm swin", "timm xcit", "timm cait"],
 )
 def test_attention_the_rule_does_not_define_is_refused_by_name(build, size, cause):
+    """The refusal leads with the cause, names only the fix that applies (not the CLIP or
+    T5Gemma fixes of other families), in about 400 characters (the Swin refusal was 900)."""
     model = build()
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     forward = (lambda x: model(x).logits) if hasattr(model, "config") else model
-    with pytest.raises(ValueError, match=cause):
+    with pytest.raises(ValueError, match=cause) as error:
         CheferRelevance(forward, model).attribute(pixels, 1)
+    message = str(error.value)
+    assert len(message) <= 450, message
+    assert "AttnLRP(model)" in message
+    assert not any(other in message for other in ("CLIP", "T5Gemma", "CheferDualEncoder"))
 
 
 def test_siglip_probe_head_is_refused_and_the_dual_encoder_fix_works():
@@ -987,3 +993,37 @@ def test_rotating_feature_halves_as_rotary_embeddings_do_is_not_a_shift():
     weights = torch.zeros(8)
     weights[0] = 1.0
     assert_close(ours, _pooled_reference(model, ids, weights))
+
+
+def _refusal(explain) -> str:
+    with pytest.raises((ValueError, RuntimeError)) as error:
+        explain()
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("case", "fix"),
+    [
+        ("token mixing", "AttnLRP(model)"),
+        ("no attention", "LayerIntegratedGradients"),
+        ("encoder-decoder", "CheferEncoderDecoder"),
+    ],
+)
+def test_refusals_lead_with_the_cause_and_name_the_fix_that_applies_briefly(case, fix):
+    """Each refusal is one cause and the fixes for this model, in about 400 characters."""
+    if case == "token mixing":
+        model = ConvMixModel(kernel=3).eval()
+        message = _refusal(lambda: CheferRelevance(model).attribute(_ids(seed=8) % 50, 1))
+    elif case == "no attention":
+        cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+        pixels = torch.randn(2, 3, 8, 8)
+        cnn(pixels)
+        message = _refusal(lambda: CheferRelevance(cnn).attribute(pixels, 1))
+    else:
+        bart = models.bart()
+        message = _refusal(
+            lambda: CheferRelevance(
+                lambda i: bart(input_ids=i, decoder_input_ids=i).logits[:, -1], bart
+            ).attribute(_ids(seed=2) % 90, 1)
+        )
+    assert fix in message and len(message) <= 450, message

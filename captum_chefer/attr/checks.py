@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import nn
+
 from ..core.readers import Edge, Reader, StreamLayout
 from ..core.tokens import SelfRelevance
+from ..families import explainer_for
 from .trace import Trace
 
 
@@ -40,27 +43,25 @@ def check_self_relevance(
         )
 
 
-def check_attention(trace: Trace, steps: Sequence[Sequence[Edge]], name: str) -> None:
+def check_attention(
+    trace: Trace, steps: Sequence[Sequence[Edge]], name: str, model: nn.Module | None = None
+) -> None:
     """The calls must suit the rules. Where every call is self-attention within a stream (one
     sequence, towers, a dual encoder's two towers), each stream's calls must form one chain of
-    ``(B, H, N, N)`` calls; otherwise one batch, and square self-attention within each stream."""
+    ``(B, H, N, N)`` calls; otherwise one batch, and square self-attention within each stream.
+    A refusal names the fix that applies to ``model``."""
     edges = [edge for step in steps for edge in step]
     if all(query == key for _, query, key in edges):
         for stream in dict.fromkeys(query for _, query, _ in edges):
             calls = [index for index, query, _ in edges if query == stream]
-            check_self_attention(trace, name, calls)
+            check_self_attention(trace, name, calls, model)
         return
-    shapes = sorted({record.shape for record in trace.records})
-    causes = []
-    if any(shape[0] != trace.batch for shape in shapes):
-        causes.append(WINDOWED.format(batch=trace.batch))
-    self_calls = [trace.records[index].shape for index, q, k in edges if q == k]
-    if any(shape[2] != shape[3] for shape in self_calls):
-        causes.append(NOT_SQUARE)
-    if causes:
+    shapes = [trace.records[index].shape for index, _, _ in edges]
+    self_shapes = [trace.records[index].shape for index, q, k in edges if q == k]
+    cause = _shape_cause(shapes, self_shapes, trace.batch, lengths=False)
+    if cause:
         raise ValueError(
-            f"{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), which the "
-            f"rules do not define: {'; '.join(causes)}. {FIXES}"
+            f"{name}: the rules do not define this attention: {cause}. {fix_for(model)}"
         )
 
 
@@ -76,8 +77,10 @@ def check_streams(trace: Trace, layout: StreamLayout, needed: Sequence[str], nam
         )
 
 
-def check_self_attention(trace: Trace, name: str, calls: Sequence[int] | None = None) -> None:
-    """Refuse, naming the cause, attention the self-attention rule does not define.
+def check_self_attention(
+    trace: Trace, name: str, calls: Sequence[int] | None = None, model: nn.Module | None = None
+) -> None:
+    """Refuse, naming the cause and the fix, attention the self-attention rule does not define.
 
     The rule needs token-to-token self-attention over one sequence per explained example, in
     layers that form one chain: every call ``(B, H, N, N)`` with the output's batch ``B``, one
@@ -85,56 +88,73 @@ def check_self_attention(trace: Trace, name: str, calls: Sequence[int] | None = 
     the calls of one stream or tower.
     """
     calls = list(range(len(trace.records))) if calls is None else list(calls)
-    shapes = sorted({trace.records[index].shape for index in calls})
-    batch = trace.batch
-    causes = [
-        cause
-        for cause, found in (
-            (WINDOWED.format(batch=batch), any(shape[0] != batch for shape in shapes)),
-            (NOT_SQUARE, any(shape[2] != shape[3] for shape in shapes)),
-            (MANY_LENGTHS, len({shape[3] for shape in shapes}) > 1),
-        )
-        if found
-    ]
-    if causes:
+    shapes = [trace.records[index].shape for index in calls]
+    cause = _shape_cause(shapes, shapes, trace.batch, lengths=True)
+    if cause:
         raise ValueError(
-            f"{name}: the model's attention calls have shapes {shapes} (B, H, Nq, Nk), which the "
-            f"self-attention rule does not define: {'; '.join(causes)}. {FIXES}"
+            f"{name}: the self-attention rule does not define this attention: {cause}. "
+            f"{fix_for(model)}"
         )
     below = trace.dependencies.below
     breaks = [(a, b) for a, b in zip(calls, calls[1:]) if a not in below[b]]
     if breaks:
-        raise ValueError(NOT_A_CHAIN.format(name=name, after=breaks[0][0], layer=breaks[0][1]))
+        after, layer = breaks[0]
+        raise ValueError(
+            f"{name}: attention layer {layer} does not depend on layer {after}, so the layers "
+            "do not form the one chain the rule assumes (two maps side by side, as "
+            f"DiffLlama's; an encoder and a decoder). {fix_for(model)}"
+        )
 
 
-WINDOWED = (
-    "the explained output has {batch} examples but attention runs on other batch sizes, so "
-    "its rows cannot be matched to examples (windowed attention: Swin folds its windows into "
-    "the batch; or heads folded into the batch, (B*H, N, D) calls)"
+def _shape_cause(
+    shapes: Sequence[tuple[int, ...]],
+    self_shapes: Sequence[tuple[int, ...]],
+    batch: int,
+    lengths: bool,
+) -> str:
+    """Why the calls' shapes ``(B, H, Nq, Nk)`` suit no rule (every reason found), or ``""``."""
+    causes = []
+    rows = sorted({shape[0] for shape in shapes} - {batch})
+    if rows:
+        causes.append(
+            f"attention runs on {rows[0]} rows for {batch} examples (windowed attention, as "
+            "Swin's, or heads folded into the batch), so its rows match no example"
+        )
+    square = sorted({(s[2], s[3]) for s in self_shapes if s[2] != s[3]})
+    if square:
+        causes.append(
+            f"a call has {square[0][0]} queries over {square[0][1]} keys (class attention as "
+            "CaiT's, a pooling probe as SigLIP's, cross-attention)"
+        )
+    sizes = sorted({shape[3] for shape in shapes})
+    if lengths and len(sizes) > 1:
+        causes.append(
+            f"calls run over {sizes} tokens (channel attention as XCiT's, tokens merged between "
+            "layers)"
+        )
+    return "; ".join(causes)
+
+
+ATTNLRP_FIX = (
+    "Explain it with captum_chefer.AttnLRP(model), which goes through every operation, or a "
+    "gradient method such as captum.attr.IntegratedGradients."
 )
-NOT_SQUARE = (
-    "some calls have other queries than keys (class attention: CaiT; attention pooling with a "
-    "learned probe: SigLIP's vision head; cross-attention)"
-)
-MANY_LENGTHS = (
-    "calls attend over different numbers of tokens (channel attention: XCiT; tokens pooled or "
-    "merged between layers: Funnel, pyramid ViTs)"
-)
-FIXES = (
-    "For a CLIP or SigLIP model use CheferDualEncoder, for an encoder-decoder "
-    "CheferEncoderDecoder (a decoder that attends over the encoder and itself in one call, as "
-    "T5Gemma 2's merged attention, is not a two-stream model: use AttnLRP); otherwise explain "
-    "the model with captum_chefer.AttnLRP(model), which goes through every operation, or a "
-    "gradient method, e.g. captum.attr.IntegratedGradients or captum.attr.LayerGradCam."
-)
-NOT_A_CHAIN = (
-    "{name}: attention layer {layer} does not depend on layer {after}, so the captured layers "
-    "do not form the one chain the self-attention rule assumes. A layer may compute two "
-    "attention maps side by side (differential attention: DiffLlama), which the rule does not "
-    "define: explain it with a gradient method, e.g. captum.attr.IntegratedGradients. An "
-    "encoder-decoder has two streams: use CheferEncoderDecoder (two towers: CheferDualEncoder "
-    "or CheferMultiModal). A "
-    "siamese forward such as cos(model(a), model(b)) runs the model twice: explain one branch "
-    "at a time with the other detached, e.g. CheferRelevance(lambda a: cos(model(a), "
-    "model(b).detach()), model).attribute(a)."
-)
+
+
+def fix_for(model: nn.Module | None) -> str:
+    """The fix a shape or chain refusal names: the class of the model's family, else
+    ``CheferEncoderDecoder`` for an encoder-decoder, else AttnLRP.
+
+    Example:
+        >>> fix_for(None).startswith("Explain it with captum_chefer.AttnLRP")
+        True
+    """
+    explainer = explainer_for(model)
+    if explainer is not None:
+        return f"Use captum_chefer.{explainer}, made for this family."
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return (
+            "Use captum_chefer.CheferEncoderDecoder for its two streams; a decoder that attends "
+            "over the encoder and itself in one call (T5Gemma 2) needs captum_chefer.AttnLRP."
+        )
+    return ATTNLRP_FIX

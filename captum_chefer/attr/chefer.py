@@ -71,9 +71,12 @@ class CheferRelevance(AttentionAttribution):
                 multi-class output explains the predicted class; on one value per example,
                 that value.
             additional_forward_args: passed positionally after ``inputs``.
-            token_index: the row to read: ``"auto"`` (the last real token when attention is
-                causal, else the first), an int, ``"mean"`` (mean of the real tokens' rows, for
-                mean-pooled models), or a LongTensor ``(B,)``.
+            token_index: the rows to read: ``"auto"`` (the rows the explained output is
+                computed from, seen in the backward: one token, or the mean of tokens the
+                output weighs alike; see :mod:`captum_chefer.attr.reads`), ``"mean"`` (the mean
+                of those rows), an int, or a LongTensor ``(B,)``. Where the model's layers
+                form independent towers (one per input feature), each input is read through
+                the tower it feeds.
             output: ``"input"`` maps the row onto each input's shape; ``"token"`` returns the
                 raw row ``(B, N)`` over every attended token.
             self_relevance: the read token gets ``≥ 1`` from the identity in ``R = I + …``,

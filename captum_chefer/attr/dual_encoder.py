@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..core.bimodal import MultiStreamReader
 from ..core.tokens import SelfRelevance, TokenIndex, per_example
-from ..families import StreamMap, family_named, pooled_text_token
+from ..families import StreamMap, family_named
 from ._captum import TargetType, _format_additional_forward_args, log_usage
 from .base import AttentionAttribution
 from .engine import Output, Read, ReadSpec
@@ -22,14 +22,12 @@ class CheferDualEncoder(AttentionAttribution):
 
     Each tower only attends within itself, so each gets the self-attention rule (ICCV 2021
     eq. 6) with its own calls, told apart by the module that made them. The gradient comes from
-    the pair's logit in ``logits_per_image`` ``(B_img, B_txt)``. The image relevance is the
-    CLS row of the vision tower (CLIP). SigLIP pools the image with an attention head whose
-    single learned query (the *probe*) attends to the patches: the probe is treated as a
-    modality of its own that attends to the image, so its row is ``Abar_probe·R̄_ii`` (eq. 10
-    with ``R̄_pp = 1``). The text relevance is the row of the token the text embedding is pooled
-    from: CLIP's EOT token (the highest id when the config's ``eos_token_id`` is 2, else the
-    first ``eos_token_id``), SigLIP's last token, or the last real token for other models (the
-    rules of :mod:`captum_chefer.families.pooling`).
+    the pair's logit in ``logits_per_image`` ``(B_img, B_txt)``. Each tower is read at the
+    rows its embedding is pooled from, seen in the backward (``"auto"``): the vision tower's
+    CLS row (CLIP), the text's EOT token (CLIP) or last token (SigLIP), whatever the ids and
+    the config say. SigLIP pools the image with an attention head whose single learned query
+    (the *probe*) attends to the patches: the probe is treated as a modality of its own that
+    attends to the image, so its row is ``Abar_probe·R̄_ii`` (eq. 10 with ``R̄_pp = 1``).
 
     The arguments come in the order of every other class. ``CheferDualEncoder(model)`` calls
     the model as ``model(pixel_values=..., input_ids=..., attention_mask=...)`` and explains
@@ -86,7 +84,7 @@ class CheferDualEncoder(AttentionAttribution):
         target: TargetType = None,
         additional_forward_args: Any = None,
         *,
-        image_token_index: TokenIndex = 0,
+        image_token_index: TokenIndex = "auto",
         text_token_index: TokenIndex = "auto",
         self_relevance: SelfRelevance = "subtract",
         output: Output = "input",
@@ -104,9 +102,10 @@ class CheferDualEncoder(AttentionAttribution):
             additional_forward_args: passed after the inputs; for the default forward, the
                 texts' ``attention_mask`` ``(B_txt, T)``. Tensors with one row per text are
                 reordered with the texts.
-            image_token_index: the vision tower's pooled token (CLS, 0); ignored when the
-                tower pools with an attention probe.
-            text_token_index: the text tower's pooled token; ``"auto"`` as described above.
+            image_token_index: the vision tower's row read: ``"auto"`` (the rows its embedding
+                is pooled from, as described above), an int or a LongTensor ``(B_img,)``;
+                ignored when the tower pools with an attention probe.
+            text_token_index: the text tower's row read, likewise.
             self_relevance: the identity's share in ``R_xx``: ``"subtract"``, ``"zero"`` or
                 ``"keep"``.
             output: ``"input"`` maps the rows onto the pixels and the ids; ``"token"`` returns
@@ -126,8 +125,6 @@ class CheferDualEncoder(AttentionAttribution):
             else arg
             for arg in _format_additional_forward_args(additional_forward_args) or ()
         )
-        if isinstance(text_token_index, str) and text_token_index == "auto":
-            text_token_index = pooled_text_token(self.model, texts)
         reads = (
             Read("image", "image", image_token_index),
             Read("text", "text", text_token_index),

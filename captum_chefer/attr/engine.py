@@ -184,7 +184,7 @@ def read_rows(
     plans: list[ReadPlan] = []
 
     def plan(trace: Trace, recorder: Recorder) -> None:
-        plans.append(plan_reads(name, trace, reader, streams, spec, inputs))
+        plans.append(plan_reads(name, trace, reader, streams, spec, inputs, subject.model))
         plans[0].watch(recorder)
 
     with recorded_patch_positions(subject.model) as positions:
@@ -218,6 +218,7 @@ def plan_reads(
     streams: StreamMap,
     spec: ReadSpec,
     inputs: tuple[Tensor, ...],
+    model: nn.Module | None = None,
 ) -> ReadPlan:
     """Step 3: check the attention, lay out the streams (one per tower of independent layers
     for a one-stream map), and plan what each input reads."""
@@ -226,7 +227,7 @@ def plan_reads(
     towers = _towers(trace, steps)
     if towers:
         steps = [[(index, towers[index], towers[index])] for index in range(len(records))]
-    check_attention(trace, steps, name)
+    check_attention(trace, steps, name, model)
     resolved = [_pooled(read, streams, steps) for read in spec.reads]
     if towers:
         resolved = [_tower_read(name, read, i, trace, towers) for i, read in enumerate(resolved)]

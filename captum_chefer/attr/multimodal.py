@@ -171,8 +171,8 @@ class CheferEncoderDecoder(CheferMultiModal):
     Encoder self-attention updates ``R_ii``; in each decoder layer the decoder self-attention
     updates ``R_qq`` and ``R_qi`` (eq. 6-7), then the cross-attention adds
     ``R̄_qqᵀ·Abar_qi·R̄_ii`` to ``R_qi`` (eq. 10). The answer is row ``token_index`` (default:
-    the last real decoder position, the one that produced the explained token) of ``R_qi`` for
-    the encoder input and of ``R_qq`` for the decoder prefix.
+    the decoder position that produced the explained token, seen in the backward) of ``R_qi``
+    for the encoder input and of ``R_qq`` for the decoder prefix.
 
     ``forward_func(input_ids, decoder_input_ids, *additional_forward_args)`` should return the
     logits of the explained decoder position ``(B, V)`` (or anything Captum's target selects
@@ -206,7 +206,8 @@ class CheferCoAttention(CheferMultiModal):
     Language self-attention, then vision self-attention, then each cross layer: both cross
     directions are computed from the same old maps before either is added (eq. 10-11), then the
     cross layer's two self-attentions (eq. 6-7). The answer is the text CLS row (``token_index``,
-    default the first real token) of ``R_tt`` for the text and of ``R_ti`` for the regions.
+    by default the row the score is computed from, seen in the backward) of ``R_tt`` for the
+    text and of ``R_ti`` for the regions.
 
     ``inputs`` is ``(input_ids, visual_feats)``; ``forward_func`` returns the scores, e.g.
     ``lambda ids, feats, pos, mask: model(ids, feats, pos, mask).question_answering_score``.

@@ -18,9 +18,9 @@ class CheferSingleStream(CheferMultiModal):
     r"""Single-stream models (ViLT, VisualBERT): the self-attention rule over the joint sequence.
 
     ``R = (I + Abar_L)…(I + Abar_1)`` over the concatenated text and image tokens (ICCV 2021
-    eq. 6); the row of ``token_index`` (default: the first token, the text CLS both models pool
-    from) is split back per input: the first ``segments[0]`` tokens belong to ``inputs[0]``, and
-    so on. By default an ids or embeddings input ``(B, T[, D])`` takes ``T`` tokens and a single
+    eq. 6); the row of ``token_index`` (default: the rows the output is computed from, seen in
+    the backward: the text CLS both models pool from) is split back per input: the first
+    ``segments[0]`` tokens belong to ``inputs[0]``, and so on. By default an ids or embeddings input ``(B, T[, D])`` takes ``T`` tokens and a single
     image input takes the rest: its prefix tokens (ViLT's image CLS) and its patches, laid on
     their grid. ViLT draws a random order of the patches in every forward; the order drawn is
     recorded during the call (a position route of :mod:`captum_chefer.families.positions`:
@@ -52,7 +52,7 @@ class CheferSingleStream(CheferMultiModal):
         target: TargetType = None,
         additional_forward_args: Any = None,
         *,
-        token_index: TokenIndex = 0,
+        token_index: TokenIndex = "auto",
         self_relevance: SelfRelevance = "subtract",
         output: Output = "input",
         segments: Sequence[int] | None = None,

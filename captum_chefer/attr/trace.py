@@ -29,11 +29,9 @@ from ..core.readers import Reader
 from ._captum import TargetType, _run_forward, _select_targets
 
 NOTHING_CAPTURED = (
-    "No attention was captured while running the model. captum_chefer sees attention computed "
-    "on this thread through torch.nn.functional.scaled_dot_product_attention or a softmax over "
-    "the last dimension of a (B, H, Nq, Nk) tensor (Hugging Face at 'sdpa' or 'eager', timm, "
-    "nn.MultiheadAttention, custom code), and probabilities passed to "
-    "captum_chefer.mark_attention(). {hint}"
+    "No attention was captured while running the model: captum_chefer sees "
+    "scaled_dot_product_attention and softmaxes over (B, H, Nq, Nk) tensors on this thread. "
+    "{hint}"
 )
 
 NOT_ON_PATH = (
@@ -198,11 +196,8 @@ def default_target(output: Tensor, target: TargetType) -> TargetType:
 
 def _hint(model: nn.Module | None) -> str:
     return (
-        "If the model computes attention in another kernel (flash-attn, xformers, a compiled or "
-        "scripted module), switch it to torch.nn.functional.scaled_dot_product_attention, or "
-        "call captum_chefer.mark_attention() on the softmax output in its attention code. A "
-        "model without attention (a CNN, a state-space model) has no attention to explain: use "
-        "a gradient method, e.g. captum.attr.LayerIntegratedGradients on its embedding layer "
-        "(or IntegratedGradients on the pixels), with use_cache=False where the model updates "
-        "a cache in place (RWKV)."
+        "For attention in another kernel (flash-attn, xformers), switch the model to SDPA or "
+        "pass its probabilities to captum_chefer.mark_attention(); for a model without "
+        "attention use a gradient method, e.g. captum.attr.LayerIntegratedGradients on its "
+        "embedding layer."
     )

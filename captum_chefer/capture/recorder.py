@@ -716,7 +716,8 @@ def check_token_mixing(recorder: Recorder, model: nn.Module | None) -> None:
     ]
     if found:
         hint = UNREAD if any(op.unread for op in found) else ""
-        raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names), unread=hint))
+        layer = "" if _has_embedding(model) else NO_EMBEDDING
+        raise ValueError(TOKEN_MIXING.format(ops=_describe(found, names), layer=layer, unread=hint))
 
 
 def _stem(op: MixingRecord, names: dict[int, str], stacks: list[str]) -> bool:
@@ -725,33 +726,32 @@ def _stem(op: MixingRecord, names: dict[int, str], stacks: list[str]) -> bool:
 
 
 TOKEN_MIXING = (
-    "token mixing outside attention ({ops}): the explained output depends on tokens mixed by "
-    "operations other than the captured attention between or after its attention layers (a "
-    "convolution over the tokens, a state-space or linear-attention scan, an FFT, a recurrence, "
-    "an attention-pooling head). Chefer's rule "
-    "and rollout propagate relevance through attention only, so the map would silently leave "
-    "this mixing out; it is refused. Explain the model with a method that goes through every "
-    "operation: captum_chefer.AttnLRP(model) (or CPLRP), e.g. "
-    "AttnLRP(model).attribute(input_ids, target=...) (layer= the token layer where the "
-    "model has no get_input_embeddings()), or "
-    "captum.attr.LayerIntegratedGradients on the embedding layer (its internal_batch_size= "
-    "bounds the memory of a scan's reference kernels). RawAttention and "
-    "AttentionGradCAM, which read one layer, are not refused.{unread}"
+    "token mixing outside attention ({ops}): Chefer's rule and rollout carry relevance through "
+    "attention only and would leave it out. Explain the model with "
+    "captum_chefer.AttnLRP(model) (or CPLRP), which goes through every operation{layer}, or "
+    "captum.attr.LayerIntegratedGradients on its embedding layer.{unread}"
 )
+NO_EMBEDDING = " (layer= its token layer)"
 NOTHING_READ = (
     "No attention could be read: the model's softmaxes are in layouts captum_chefer cannot "
-    "read as attention ({ops}: over another dimension than the last, or over five dimensions). "
-    "If one is self-attention and you can edit its code, pass its probabilities as "
-    "(B, H, N, N) to captum_chefer.mark_attention(); otherwise explain the model with a method "
-    "that goes through every operation: captum_chefer.AttnLRP(model) (or CPLRP), or "
-    "captum.attr.LayerIntegratedGradients on the embedding layer."
+    "read as attention ({ops}). If one is self-attention, pass its probabilities as (B, H, N, "
+    "N) to captum_chefer.mark_attention(); otherwise explain the model with "
+    "captum_chefer.AttnLRP(model), which goes through every operation."
 )
 UNREAD = (
-    " A softmax over another dimension than the last (an attention-pooling head's (B, N, 1) "
-    "over the tokens, or attention laid out otherwise) is not read as attention; if it is "
-    "self-attention in another layout and you can edit its code, pass its probabilities as "
-    "(B, H, N, N) to captum_chefer.mark_attention()."
+    " A softmax over another dimension than the last (an attention-pooling head) is not read "
+    "as attention; self-attention in another layout can be passed to "
+    "captum_chefer.mark_attention() as (B, H, N, N)."
 )
+
+
+def _has_embedding(model: nn.Module | None) -> bool:
+    """Whether AttnLRP finds the token layer itself (``get_input_embeddings``)."""
+    find = getattr(model, "get_input_embeddings", None)
+    try:
+        return callable(find) and find() is not None
+    except NotImplementedError:
+        return False
 
 
 def _attention_stacks(
@@ -773,7 +773,7 @@ def _inside(name: str | None, containers: list[str]) -> bool:
 
 def _describe(found: list[MixingRecord], names: dict[int, str]) -> str:
     """The operations by module, in forward order, e.g. ``conv1d with kernel (4,), cumsum in
-    model.layers.0.mamba (MambaMixer)``; the first three modules."""
+    model.layers.0.mamba (MambaMixer)``; the first two modules, in at most about 160 characters."""
     by_module: dict[str, list[str]] = {}
     for op in found:
         name, kind = where(op.owners, names)
@@ -782,8 +782,9 @@ def _describe(found: list[MixingRecord], names: dict[int, str]) -> str:
         if op.description not in by_module[place]:
             by_module[place].append(op.description)
     parts = [f"{', '.join(ops)} in {place}" for place, ops in by_module.items()]
-    more = f"; and {len(parts) - 3} more modules" if len(parts) > 3 else ""
-    return "; ".join(parts[:3]) + more
+    more = f"; and {len(parts) - 2} more modules" if len(parts) > 2 else ""
+    text = "; ".join(parts[:2])
+    return (text if len(text) <= 160 else text[:157] + "...") + more
 
 
 _ACTIVE = threading.local()

@@ -27,11 +27,15 @@ class Family:
         reads: per input, ``(read stream, input stream)``: the input's relevance is a row of
             ``R_{read stream, input stream}``.
         model_types: the ``config.model_type`` values the family is picked for.
+        explainer: the class that explains the family, named by a refusal of another class.
+        named_for: further ``config.model_type`` values a refusal names ``explainer`` for.
     """
 
     streams: StreamMap
     reads: tuple[tuple[str, str], ...]
     model_types: tuple[str, ...] = ()
+    explainer: str = "CheferMultiModal"
+    named_for: tuple[str, ...] = ()
 
     @property
     def read_stream(self) -> str:
@@ -63,6 +67,7 @@ FAMILIES: dict[str, Family] = {
             )
         ),
         (("decoder", "encoder"), ("decoder", "decoder")),
+        explainer="CheferEncoderDecoder",
     ),
     # LXMERT: language and vision self-attention, then cross layers (both directions, one
     # step); read at the text CLS.
@@ -79,12 +84,15 @@ FAMILIES: dict[str, Family] = {
         ),
         (("text", "text"), ("text", "image")),
         model_types=("lxmert",),
+        explainer="CheferCoAttention",
     ),
     # ViLT, VisualBERT: self-attention over the joint text-and-image sequence, split back per
     # input (CheferSingleStream).
     "single-stream": Family(
         StreamMap(((r"", (("joint", "joint"),)),)),
         (("joint", "joint"),),
+        explainer="CheferSingleStream",
+        named_for=("vilt", "visual_bert"),
     ),
     # CLIP, SigLIP: two towers, each attending within itself; SigLIP's attention-pooling head
     # is a query stream "probe" that the image is read from (CheferDualEncoder).
@@ -98,6 +106,17 @@ FAMILIES: dict[str, Family] = {
             pooled_by={"image": "probe"},
         ),
         (("image", "image"), ("text", "text")),
+        named_for=(
+            "clip",
+            "siglip",
+            "siglip2",
+            "chinese_clip",
+            "altclip",
+            "clip_vision_model",
+            "siglip_vision_model",
+            "siglip2_vision_model",
+        ),
+        explainer="CheferDualEncoder",
     ),
     # BLIP image-text matching (BlipForImageTextRetrieval, use_itm_head=True): a ViT, and a
     # text encoder whose layers attend to the image after their self-attention; the score is
@@ -122,6 +141,20 @@ def family_named(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"Unknown family {name!r}; the families are {sorted(FAMILIES)}.")
     return FAMILIES[name]
+
+
+def explainer_for(model: nn.Module | None) -> str | None:
+    """The class a refusal names for the model's family (by ``config.model_type``), if any.
+
+    Example:
+        >>> explainer_for(None) is None
+        True
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for family in FAMILIES.values():
+        if model_type in (*family.model_types, *family.named_for):
+            return family.explainer
+    return None
 
 
 def family_for(model: nn.Module | None) -> Family | None:
