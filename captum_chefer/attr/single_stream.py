@@ -17,15 +17,15 @@ from .multimodal import CheferMultiModal
 class CheferSingleStream(CheferMultiModal):
     r"""Single-stream models (ViLT, VisualBERT): the self-attention rule over the joint sequence.
 
-    ``R = (I + Abar_L)…(I + Abar_1)`` over the concatenated text and image tokens (ICCV 2021
-    eq. 6); the row of ``token_index`` (default: the rows the output is computed from, seen in
-    the backward: the text CLS both models pool from) is split back per input: the first
+    ``R = (I + Abar_L)…(I + Abar_1)`` over the concatenated text and image tokens (ICCV 2021 eq.
+    6); the row of ``token_index`` (default: the rows the output is computed from, seen in the
+    backward: the text CLS both models pool from) is split back per input: the first
     ``segments[0]`` tokens belong to ``inputs[0]``, and so on. By default an ids or embeddings
     input ``(B, T[, D])`` takes ``T`` tokens and a single image input takes the rest: its prefix
-    tokens (ViLT's image CLS) and its patches, laid on their grid. ViLT draws a random order of the patches in every forward; the order drawn is
-    recorded during the call (a position route of :mod:`captum_chefer.families.positions`:
-    its ``visual_embed`` is wrapped on this thread, then restored) so that each
-    patch lands in its own cell.
+    tokens (ViLT's image CLS) and its patches, laid on their grid. ViLT draws a random order of
+    the patches in every forward; the order drawn is recorded during the call (a position route
+    of :mod:`captum_chefer.families.positions`: its ``visual_embed`` is wrapped on this thread,
+    then restored) so that each patch lands in its own cell.
 
     ``output="token"`` returns the segments in the model's token order.
 
