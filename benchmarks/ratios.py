@@ -58,6 +58,7 @@ GOALS = [  # (case, ours, baseline, metric, limit)
     ("vit", "row", "input-grad", "time", 1.2),
     ("llama 16384", "row", "forward", "peak RSS", 1.05),
     ("llama 16384", "row-ckpt", "forward", "peak RSS", 1.15),
+    ("llama 16384", "input-grad-ckpt", "forward", "peak RSS", 1.15),
 ]
 
 
@@ -107,14 +108,15 @@ def llama_methods(n: int):
     w = engine.load_llama(n, "cpu", torch.float32, "tiny", last_logit_only=True)
     return {
         "row": lambda: engine.chefer_relevance(w, "row", None),
-        "row-ckpt": lambda: checkpointed_relevance(w),
+        "row-ckpt": lambda: checkpointed(w, lambda: engine.chefer_relevance(w, "row", None)),
         "input-grad": lambda: engine.input_grad(w),
+        "input-grad-ckpt": lambda: checkpointed(w, lambda: engine.input_grad(w)),
         "forward": lambda: engine.no_grad_forward(w),
     }
 
 
-def checkpointed_relevance(w) -> torch.Tensor:
-    """The row engine on the same model with Hugging Face's per-layer activation checkpointing
+def checkpointed(w, method):
+    """``method()`` on the same model with Hugging Face's per-layer activation checkpointing
     (non-reentrant, its default). Hugging Face checkpoints only in training mode; the model has
     no dropout, so train mode computes the same function. The model is put back as it was."""
     import warnings
@@ -125,7 +127,7 @@ def checkpointed_relevance(w) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # training mode, without dropout
-            return engine.chefer_relevance(w, "row", None)
+            return method()
     finally:
         model.activation_checkpointing_disable()
         model.eval()
@@ -220,16 +222,22 @@ def llama_case(n: int, repeats: int, memory_only: bool = False) -> dict:
     else:
         result = summary(interleaved(methods, repeats), ("input-grad", "forward"))
         medians = result["median_s"]
-        result["ratios"]["row-ckpt / input-grad"] = medians["row-ckpt"] / medians["input-grad"]
+        result["ratios"]["row-ckpt / input-grad-ckpt"] = (
+            medians["row-ckpt"] / medians["input-grad-ckpt"]
+        )
     del methods
     gc.collect()
-    memory = {name: peak_rss(n, name) for name in ("forward", "input-grad", "row", "row-ckpt")}
+    names = ("forward", "input-grad", "input-grad-ckpt", "row", "row-ckpt")
+    memory = {name: peak_rss(n, name) for name in names}
     result["rss_load_mib"] = {name: loaded for name, (loaded, _) in memory.items()}
     result["peak_rss_mib"] = {name: peak for name, (_, peak) in memory.items()}
     peaks, loads = result["peak_rss_mib"], result["rss_load_mib"]
     result["ratios"]["peak RSS row / forward"] = peaks["row"] / peaks["forward"]
     result["ratios"]["peak RSS row / input-grad"] = peaks["row"] / peaks["input-grad"]
     result["ratios"]["peak RSS row-ckpt / forward"] = peaks["row-ckpt"] / peaks["forward"]
+    result["ratios"]["peak RSS row-ckpt / input-grad-ckpt"] = (
+        peaks["row-ckpt"] / peaks["input-grad-ckpt"]
+    )
     result["ratios"]["RSS increment row / forward"] = (peaks["row"] - loads["row"]) / max(
         1.0, peaks["forward"] - loads["forward"]
     )
