@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.readers import Edge, Reader, StreamLayout
 from ..core.tokens import SelfRelevance
@@ -20,6 +20,28 @@ def check_output(output: str) -> None:
     """``output`` must be ``"input"`` or ``"token"``."""
     if output not in ("input", "token"):
         raise ValueError(f"output must be 'input' or 'token', not {output!r}")
+
+
+def check_token_index(token_index: object) -> None:
+    """``token_index`` must be ``"auto"``, ``"mean"``, an int or an integer tensor.
+
+    Example:
+        >>> check_token_index("auto")
+        >>> check_token_index(2.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: token_index=2.5 is not understood; ...
+    """
+    if isinstance(token_index, str) and token_index in ("auto", "mean"):
+        return
+    if isinstance(token_index, int) and not isinstance(token_index, bool):
+        return
+    if isinstance(token_index, Tensor) and not token_index.is_floating_point():
+        return
+    raise ValueError(
+        f"token_index={token_index!r} is not understood; use 'auto', 'mean', an int, or a "
+        "LongTensor with one index per example."
+    )
 
 
 def check_self_relevance(

@@ -37,7 +37,13 @@ from ..core.readers import Edge, Reader, StreamLayout, TowerReaders, check_start
 from ..core.tokens import SelfRelevance, TokenIndex
 from ..families import StreamMap, recorded_patch_positions
 from ._captum import TargetType, _format_output, _format_tensor_into_tuples, _is_tuple
-from .checks import check_attention, check_output, check_self_relevance, check_streams
+from .checks import (
+    check_attention,
+    check_output,
+    check_self_relevance,
+    check_streams,
+    check_token_index,
+)
 from .reads import Read, ReadPlan
 from .trace import Trace, trace_attention
 
@@ -178,6 +184,8 @@ def read_rows(
 ) -> Explained:
     """Steps 2-5 of the flow: trace, plan the reads, backward, one row per read."""
     check_output(spec.output)
+    for entry in spec.reads:
+        check_token_index(entry.token_index)
     name = subject.name
     reads_mean = any(_is(read.token_index, "mean") for read in spec.reads)
     check_self_relevance(reader, spec.self_relevance, reads_mean, name)
