@@ -122,6 +122,7 @@ def trace_attention(
             trace = Trace(output.detach(), target, recorder.records, dependencies, finite)
             before_backward(trace, recorder)
             check_token_mixing(recorder, model)
+            recorder.read_flags()
             backward(recorder, selected.sum(), list(recorder.anchors.values()))
     finally:
         recorder.release()  # no cycle through the graph keeps it alive

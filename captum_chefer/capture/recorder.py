@@ -46,7 +46,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 
-from ..core.attention import AttentionCall, attention_backward, block_rows_for
+from ..core.attention import (
+    AttentionCall,
+    attention_backward,
+    block_rows_for,
+    empty_rows_flag,
+)
 from ..core.readers import Reader, TowerReaders
 from .graph import (
     Dependencies,
@@ -131,6 +136,9 @@ class CallRecord:
     fed_by: frozenset[int] = frozenset()
     """After :meth:`Recorder.keep_on_path`: the indexes of the explained inputs the call's
     inputs depend on (see :meth:`Recorder.track_inputs`)."""
+    empty_rows: Tensor | bool = False
+    """Whether a query row of a kernel call may be masked at every key: a 0-dim bool tensor
+    from the forward, read with every call's in one sync by :meth:`Recorder.read_flags`."""
 
     def unfold_heads(self, batch: int) -> None:
         """Read folded ``(B*H, 1, N, N)`` probabilities as ``(B, H, N, N)`` (batch-major)."""
@@ -426,6 +434,16 @@ class Recorder:
         }
         return Dependencies(tuple(range(len(kept))), below)
 
+    def read_flags(self) -> None:
+        """Read every kept call's ``empty_rows`` flag from the device, in one sync (none where
+        every flag is known without data)."""
+        pending = [(r, r.empty_rows) for r in self.records if isinstance(r.empty_rows, Tensor)]
+        if pending:
+            device = pending[0][1].device
+            values = torch.stack([flag.to(device) for _, flag in pending]).cpu().tolist()
+            for (record, _), value in zip(pending, values):
+                record.empty_rows = bool(value)
+
     def nodes_above(self, index: int) -> list[Any]:
         """The autograd nodes that kept call ``index`` lies below (after :meth:`keep_on_path`):
         what the model computes from that call's output on the way to the explained output."""
@@ -447,6 +465,8 @@ class Recorder:
         if owners is None:
             return kernel(call.query, call.key, call.value, attn_mask=call.mask, **kernel_kwargs)
         record = None if self.in_backward else self._new_record(call.shape, owners, call.query)
+        if record is not None:
+            record.empty_rows = empty_rows_flag(call)
         self.last = call
         output = _CapturedKernel.apply(
             self,
@@ -500,6 +520,7 @@ class Recorder:
             block_rows_for(call, self.block_bytes),
             need_input_grads=record is None or record.depends_on_captured,
             key_prefix_blocks=reader is not None and reader.key_prefix_blocks,
+            maybe_empty_rows=None if record is None else bool(record.empty_rows),
         )
         if reader is not None:
             assert record is not None

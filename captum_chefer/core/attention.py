@@ -166,15 +166,32 @@ def mask_scores(
 
 
 def may_have_empty_rows(call: AttentionCall) -> bool:
-    """Whether some query row may be masked at every key (its softmax is then NaN, read as 0)."""
+    """Whether some query row may be masked at every key (its softmax is then NaN, read as 0).
+
+    Reads the device (one host sync) for a mask; :func:`empty_rows_flag` does not.
+    """
+    return bool(empty_rows_flag(call))
+
+
+def empty_rows_flag(call: AttentionCall) -> Tensor | bool:
+    """:func:`may_have_empty_rows` without reading the device: a bool where the answer needs no
+    data (no mask, or a causal mask on top of one), else a 0-dim bool tensor on the mask's
+    device, for the caller to read with others in one synchronisation.
+
+    Example:
+        >>> q = torch.zeros(1, 1, 2, 4)
+        >>> mask = torch.tensor([[True, False], [False, False]])
+        >>> empty_rows_flag(AttentionCall(q, q, q, mask, False, 0.5))
+        tensor(True)
+    """
     mask = call.mask
     if mask is None:
         return False
     if call.is_causal:
         return True
     if mask.dtype == torch.bool:
-        return not bool(mask.any(-1).all())
-    return bool(torch.isneginf(mask).all(-1).any())
+        return ~mask.any(-1).all()
+    return torch.isneginf(mask).all(-1).any()
 
 
 def causal_width(call: AttentionCall, rows: slice) -> int | None:
@@ -191,6 +208,7 @@ def attention_backward(
     block_rows: int,
     need_input_grads: bool = True,
     key_prefix_blocks: bool = False,
+    maybe_empty_rows: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Back-propagate through one attention call a block of query rows at a time.
 
@@ -212,6 +230,8 @@ def attention_backward(
         block_rows: query rows per block.
         need_input_grads: when False only the consumer runs; the returned grads are None.
         key_prefix_blocks: the consumer accepts blocks narrower than ``Nk`` (leading keys).
+        maybe_empty_rows: whether a query row may be masked at every key, when the caller
+            has read it already (:func:`empty_rows_flag`); None reads it here (a host sync).
 
     Returns:
         ``(dQ, dK, dV, dmask)`` in the inputs' dtypes; ``dmask`` only for a float mask that
@@ -219,7 +239,13 @@ def attention_backward(
     """
     with torch.no_grad():
         return _attention_backward(
-            call, grad_output, consumer, block_rows, need_input_grads, key_prefix_blocks
+            call,
+            grad_output,
+            consumer,
+            block_rows,
+            need_input_grads,
+            key_prefix_blocks,
+            may_have_empty_rows(call) if maybe_empty_rows is None else maybe_empty_rows,
         )
 
 
@@ -230,8 +256,9 @@ def _attention_backward(
     block_rows: int,
     need_input_grads: bool,
     key_prefix_blocks: bool,
+    maybe_empty_rows: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    loop = _BlockLoop(call, grad_output, block_rows, need_input_grads)
+    loop = _BlockLoop(call, grad_output, block_rows, need_input_grads, maybe_empty_rows)
     mask_grad = call.mask is not None and call.mask.dtype != torch.bool and call.mask.requires_grad
     d_scores_all = []
     for start in range(0, loop.n_query, block_rows):
@@ -261,7 +288,12 @@ class _BlockLoop:
     """
 
     def __init__(
-        self, call: AttentionCall, grad_output: Tensor, block_rows: int, need_input_grads: bool
+        self,
+        call: AttentionCall,
+        grad_output: Tensor,
+        block_rows: int,
+        need_input_grads: bool,
+        maybe_empty_rows: bool,
     ) -> None:
         self.call = call
         batch, heads, self.n_query, self.n_key = call.shape
@@ -274,7 +306,7 @@ class _BlockLoop:
         mask = call.mask  # a bool mask is inverted once per call
         bool_mask = mask is not None and mask.dtype == torch.bool
         self.blocked = _as_4d(mask).logical_not() if mask is not None and bool_mask else None
-        self.maybe_empty_rows = may_have_empty_rows(call)
+        self.maybe_empty_rows = maybe_empty_rows
         size = flat * min(block_rows, self.n_query) * self.n_key
         device = call.query.device
         self.scores, self.probs, self.d_probs = (torch.empty(size, device=device) for _ in range(3))

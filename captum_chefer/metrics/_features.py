@@ -155,7 +155,10 @@ def _baseline(value: object, x: Tensor, i: int) -> Baseline:
             f"baselines[{i}] = {value} cannot replace elements of the integer inputs[{i}]; pass "
             "an int such as the [MASK] or padding token id."
         )
-    tensor = torch.as_tensor(value).to(device=x.device, dtype=x.dtype)
+    if isinstance(value, Tensor):
+        tensor = value.to(device=x.device, dtype=x.dtype)
+    else:  # a constant is made on the device: no upload from the host
+        tensor = torch.full((), value, device=x.device, dtype=x.dtype)
     per_example = tensor.dim() == x.dim() and tensor.shape[0] == x.shape[0] > 1
     shape = tensor.shape[1:] if per_example else tensor.shape
     if tensor.dim() > x.dim() or not _fits(shape[::-1], x.shape[::-1]):
@@ -305,11 +308,16 @@ def feature_counts(n_features: Tensor, fractions: Sequence[float], rounding: Rou
     not the 28 that float arithmetic gives.
     """
     ratios = [Fraction(f).limit_denominator(10**6) for f in fractions]
-    device = n_features.device
-    numerator = torch.tensor([r.numerator for r in ratios], device=device)
-    denominator = torch.tensor([r.denominator for r in ratios], device=device)
-    scaled = n_features.unsqueeze(1) * numerator
-    if rounding == "ceil":
-        scaled = scaled + denominator - 1
-    counts = torch.div(scaled, denominator, rounding_mode="floor")
+    up = 1 if rounding == "ceil" else 0
+    counts = torch.stack(  # Python integers, not tensors: nothing is copied to the device
+        [
+            torch.div(
+                n_features * r.numerator + up * (r.denominator - 1),
+                r.denominator,
+                rounding_mode="floor",
+            )
+            for r in ratios
+        ],
+        dim=1,
+    )
     return torch.minimum(counts, n_features.unsqueeze(1))

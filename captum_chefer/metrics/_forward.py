@@ -157,11 +157,13 @@ def target_indices(target: TargetType, batch: int, device: torch.device) -> Tens
     """Captum's target forms as a ``(B, k)`` LongTensor (k indices after the batch dimension)."""
     if isinstance(target, bool):
         raise TypeError("target must be an int, a tuple of ints, a tensor or a list, not a bool.")
-    if isinstance(target, int):
-        index = torch.tensor([[target]])
-    elif isinstance(target, tuple):
-        index = torch.tensor([_int_tuple(target)])
-    elif isinstance(target, Tensor):
+    if isinstance(target, (int, tuple)):  # made on the device: nothing to upload
+        values = (target,) if isinstance(target, int) else _int_tuple(target)
+        index = torch.empty(batch, len(values), dtype=torch.long, device=device)
+        for column, value in enumerate(values):
+            index[:, column] = value
+        return index
+    if isinstance(target, Tensor):
         index = _tensor_target(target, batch)
     elif isinstance(target, list):
         index = _list_target(target, batch)

@@ -160,7 +160,8 @@ def _eraser_drops(
         unperturbed = torch.zeros_like(n_features).unsqueeze(1)
         counts = torch.cat([unperturbed, feature_counts(n_features, values, "ceil")], 1)
         steps = torch.full((len(values) + 1,), keep, device=n_features.device)
-        return counts, steps.index_fill(0, torch.tensor([0], device=steps.device), False)
+        steps[0] = False  # the unperturbed step
+        return counts, steps
 
     scores = perturbation_scores(
         forward_func,

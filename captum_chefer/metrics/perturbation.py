@@ -283,7 +283,7 @@ def perturbation_auc(
     grid = _grid(curve, fractions, allow_one=False)
     if grid[0] != 0:
         raise ValueError("fractions must start at 0.0 so that the unperturbed score is included.")
-    return _reduce(torch.trapezoid(_as_float(curve), grid, dim=-1) * 100, reduction)
+    return _reduce(_trapezoid(curve, grid) * 100, reduction)
 
 
 def deletion_auc(
@@ -344,13 +344,22 @@ def insertion_auc(
 
 def _normalized_area(curve: Tensor, fractions: Sequence[float] | Tensor, reduction: str):
     grid = _grid(curve, fractions, allow_one=True)
-    if grid.numel() < 2:
+    if len(grid) < 2:
         raise ValueError("A normalised area needs at least two fractions.")
-    area = torch.trapezoid(_as_float(curve), grid, dim=-1) / (grid[-1] - grid[0])
-    return _reduce(area, reduction)
+    return _reduce(_trapezoid(curve, grid) / (grid[-1] - grid[0]), reduction)
 
 
-def _grid(curve: Tensor, fractions: Sequence[float] | Tensor, allow_one: bool) -> Tensor:
+def _trapezoid(curve: Tensor, grid: list[float]) -> Tensor:
+    """The trapezoid area of ``curve`` ``(..., S)`` over the points ``grid``, with the grid's
+    spacings as Python numbers (so nothing is copied to the curve's device)."""
+    values = _as_float(curve)
+    area = torch.zeros_like(values[..., 0])
+    for i, (left, right) in enumerate(zip(grid, grid[1:])):
+        area = area + (values[..., i] + values[..., i + 1]) * ((right - left) / 2)
+    return area
+
+
+def _grid(curve: Tensor, fractions: Sequence[float] | Tensor, allow_one: bool) -> list[float]:
     if not isinstance(curve, Tensor) or curve.dim() == 0:
         raise TypeError("curve must be a tensor of shape (..., S).")
     values = check_fractions(fractions, allow_one=allow_one)
@@ -359,7 +368,7 @@ def _grid(curve: Tensor, fractions: Sequence[float] | Tensor, allow_one: bool) -
             f"curve has {curve.shape[-1]} points but {len(values)} fractions were given; pass "
             "the fractions the curve was computed with."
         )
-    return torch.tensor(values, dtype=_as_float(curve).dtype, device=curve.device)
+    return values
 
 
 def _as_float(t: Tensor) -> Tensor:
