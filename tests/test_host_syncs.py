@@ -226,3 +226,23 @@ def test_the_harness_catches_each_kind_of_event():
         x + torch.ones(3)
     kinds = [event.kind for event in recording.events]
     assert kinds.count("sync") == 1 and kinds.count("upload") == 1 and kinds.count("mix") == 1
+
+
+def test_the_gpu_script_runs_its_cpu_smoke_path(tmp_path):
+    """``benchmarks/gpu_check.py --device cpu --quick`` runs every stage's code on the CPU (the
+    lent GPU runs the same script); the split and checkpointed maps equal the plain ones."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path),
+                    "--stages", "syncs", "split", "checkpointing"])  # fmt: skip
+    found = json.loads((tmp_path / "gpu_check.json").read_text())
+    split = {name: entry for name, entry in found["split"].items() if name != "seconds"}
+    assert set(split) == {"CheferRelevance", "AttnLRP"}
+    assert all(entry["equal within 1e-5"] for entry in split.values())
+    assert found["checkpointing"]["max rel diff ckpt vs plain"] <= 1e-6
+    assert "error" not in found["syncs"]
