@@ -14,9 +14,11 @@ short keeps what it had, and a stage starts only if its share of the time is lef
 4. ``checkpointing``: a Llama-style decoder at 16384 tokens: the map with Hugging Face's
    per-layer activation checkpointing equals the map without, and the peak of
    ``torch.cuda.max_memory_allocated`` of each method against the no-grad forward's.
-5. ``engine``: ``benchmarks/engine.py --device cuda`` on the Llama-style decoder at 4096,
-   16384 and 32768 tokens (``row``, ``input-grad``, ``forward``).
-6. ``1b``: the same at 32768 tokens on the ~1.1B-parameter config in bfloat16, within 80 GB.
+5. ``lrp``: AttnLRP, CP-LRP and the row engine against the input gradient on the Llama-style
+   decoder at 16384 tokens: median time of three runs and peak allocated memory.
+6. ``engine``: ``benchmarks/engine.py --device cuda`` on the Llama-style decoder at 16384 and
+   32768 tokens (``row``, ``input-grad``, ``forward``).
+7. ``1b``: the same at 32768 tokens on the ~1.1B-parameter config in bfloat16, within 80 GB.
 
 Needs: torch with CUDA, transformers, pytest, and captum (carry its wheel: it is pure Python).
 On the lent machine, from the repository root (``.whl`` holds captum's wheel)::
@@ -48,8 +50,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-STAGES = ("tests", "syncs", "split", "checkpointing", "engine", "1b")
-SHARE = {"tests": 150, "syncs": 60, "split": 20, "checkpointing": 90, "engine": 150, "1b": 120}
+STAGES = ("tests", "syncs", "split", "checkpointing", "lrp", "engine", "1b")
+SHARE = {
+    "tests": 150,
+    "syncs": 60,
+    "split": 20,
+    "checkpointing": 90,
+    "lrp": 60,
+    "engine": 150,
+    "1b": 120,
+}
 """Seconds each stage needs at most; a stage starts only if that much is left."""
 
 
@@ -257,13 +267,16 @@ def run_checkpointing(device: str, quick: bool) -> dict:
     plain = explain()
     peaks["row"] = _peak(explain, device)
     model.train()
-    model.activation_checkpointing_enable()
+    # transformers before 5.2x has only the old name
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        (enable or model.gradient_checkpointing_enable)()
         checkpointed = explain()
         peaks["row-ckpt"] = _peak(explain, device)
         peaks["input-grad-ckpt"] = _peak(input_grad, device)
-    model.activation_checkpointing_disable()
+        (disable or model.gradient_checkpointing_disable)()
     model.eval()
     error = ((checkpointed - plain).abs().max() / plain.abs().max()).item()
     ratios = {}
@@ -272,14 +285,55 @@ def run_checkpointing(device: str, quick: bool) -> dict:
     return {"n": n, "max rel diff ckpt vs plain": error, "peak MiB": peaks, "vs forward": ratios}
 
 
+def run_lrp(device: str, quick: bool) -> dict:
+    from captum_chefer import CPLRP, AttnLRP, CheferRelevance
+
+    n = 256 if quick else 16384
+    model = _llama(device, torch.float32)
+    tokens = torch.randint(3, 32000, (1, n), device=device)
+
+    def forward(ids):
+        return model(ids, logits_to_keep=1).logits[:, -1]
+
+    def input_grad():
+        embeds = model.get_input_embeddings()(tokens).detach().requires_grad_()
+        logit = model(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1, 42]
+        torch.autograd.grad(logit.sum(), embeds)
+
+    methods = {
+        "input-grad": input_grad,
+        "row": lambda: CheferRelevance(forward, model).attribute(tokens, 42, output="token"),
+        "attnlrp": lambda: AttnLRP(forward, model).attribute(tokens, 42),
+        "cplrp": lambda: CPLRP(forward, model).attribute(tokens, 42),
+    }
+    found: dict = {"n": n, "median s": {}, "peak MiB": {}}
+    for name, run in methods.items():
+        found["peak MiB"][name] = _peak(run, device)
+        times = []
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        found["median s"][name] = sorted(times)[1]
+    base_time, base_peak = found["median s"]["input-grad"], found["peak MiB"]["input-grad"]
+    found["time vs input-grad"] = {k: v / base_time for k, v in found["median s"].items()}
+    if base_peak:
+        found["peak vs input-grad"] = {k: v / base_peak for k, v in found["peak MiB"].items()}
+    return found
+
+
 def run_engine(device: str, quick: bool, config: str = "tiny") -> dict:
     if device != "cuda":
         return {"skipped": "needs CUDA"}
-    sizes = ["32768"] if config == "1b" else ["4096", "16384", "32768"]
+    sizes = ["32768"] if config == "1b" else ["16384", "32768"]
     command = [
         sys.executable, "benchmarks/engine.py", "--device", "cuda", "--models", "llama",
         "--sizes", *sizes, "--methods", "row", "input-grad", "forward", "--repeats", "3",
-        "--case-budget", "15", "--wait-idle", "0", "--retries", "0", "--config", config,
+        "--case-budget", "8", "--wait-idle", "0", "--retries", "0", "--config", config,
         "--tag", "gpu",
     ]  # fmt: skip
     share = SHARE["1b" if config == "1b" else "engine"]
@@ -294,6 +348,7 @@ RUNS = {
     "syncs": run_syncs,
     "split": run_split,
     "checkpointing": run_checkpointing,
+    "lrp": run_lrp,
     "engine": run_engine,
     "1b": lambda device, quick: run_engine(device, quick, "1b"),
 }

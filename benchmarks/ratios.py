@@ -9,6 +9,9 @@ that whatever slows the machine slows both. The cases:
   (``while True: pass``, one core) and stops itself.
 - ``vit``: a random-init ViT-B/16 at 224 (Hugging Face ``ViTConfig(num_labels=1000)``),
   batch 8, against the input gradient and the no-grad forward.
+- ``lrp``: AttnLRP and CP-LRP (and the row engine) against the input gradient, side by side in
+  one process: MiniLM-512 (batch 4) and the Llama-style decoder at ``--lrp-sizes`` tokens
+  (4096 and 16384), time interleaved, peak memory of each method in a fresh process.
 - ``llama``: the random-init Llama-style decoder of ``engine.py`` at 4096 and 16384 tokens
   (next-token logit only, ``logits_to_keep=1``): time against the input gradient, and peak
   memory against the no-grad forward's, each method in a fresh process (the peak RSS during
@@ -25,6 +28,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/ratios.py --cases minilm  # one case
     .venv/bin/python benchmarks/ratios.py --profile       # where the time goes (MiniLM)
     .venv/bin/python benchmarks/ratios.py --cases llama --sizes 16384 --memory-only
+    .venv/bin/python benchmarks/ratios.py --cases lrp --tag lrp        # AttnLRP and CP-LRP
 
 Outputs ``benchmarks/results/ratios.{json,md}`` (``ratios_profile.md`` with ``--profile``).
 """
@@ -59,6 +63,12 @@ GOALS = [  # (case, ours, baseline, metric, limit)
     ("llama 16384", "row", "forward", "peak RSS", 1.05),
     ("llama 16384", "row-ckpt", "forward", "peak RSS", 1.15),
     ("llama 16384", "input-grad-ckpt", "forward", "peak RSS", 1.15),
+    *[
+        (f"lrp {case}", rule, "input-grad", metric, limit)
+        for case in ("minilm 512", "llama 4096", "llama 16384")
+        for rule in ("attnlrp", "cplrp")
+        for metric, limit in (("time", 1.2), ("peak RSS", 1.05))
+    ],
 ]
 
 
@@ -82,6 +92,62 @@ def minilm_methods():
         "row": lambda: engine.chefer_relevance(w, "row", None),
         "input-grad": lambda: engine.input_grad(w),
     }
+
+
+def lrp_methods(case: str) -> dict:
+    """Row, AttnLRP, CP-LRP and the input gradient on one workload: ``"minilm 512"`` or
+    ``"llama N"``."""
+    from captum_chefer import CPLRP, AttnLRP
+
+    model, n = case.split()
+    if model == "minilm":
+        w = engine.load_minilm(int(n), "cpu", torch.float32)
+    else:
+        w = engine.load_llama(int(n), "cpu", torch.float32, "tiny", last_logit_only=True)
+
+    def lrp(method):
+        return method(w.explained).attribute(
+            w.ids, target=w.target, additional_forward_args=w.forward_args
+        )
+
+    return {
+        "row": lambda: engine.chefer_relevance(w, "row", None),
+        "attnlrp": lambda: lrp(AttnLRP),
+        "cplrp": lambda: lrp(CPLRP),
+        "input-grad": lambda: engine.input_grad(w),
+    }
+
+
+def _lrp_peak_child(case: str, method: str, queue) -> None:
+    methods = lrp_methods(case)
+    gc.collect()
+    loaded = engine.rss_now_mb()
+    Path("/proc/self/clear_refs").write_text("5")
+    methods[method]()
+    queue.put((loaded, _vm_hwm_mib()))
+
+
+def lrp_case(case: str, repeats: int) -> dict:
+    methods = lrp_methods(case)
+    times = interleaved(methods, repeats)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    result = {"median_s": medians, "runs_s": times, "load": os.getloadavg()[0], "ratios": {}}
+    del methods
+    gc.collect()
+    context = mp.get_context("spawn")
+    peaks, loads = {}, {}
+    for name in ("input-grad", "row", "attnlrp", "cplrp"):
+        queue = context.Queue()
+        child = context.Process(target=_lrp_peak_child, args=(case, name, queue))
+        child.start()
+        loads[name], peaks[name] = queue.get()
+        child.join()
+    result["peak_rss_mib"], result["rss_load_mib"] = peaks, loads
+    for rule in ("attnlrp", "cplrp"):
+        result["ratios"][f"{rule} / input-grad"] = medians[rule] / medians["input-grad"]
+        result["ratios"][f"{rule} / row"] = medians[rule] / medians["row"]
+        result["ratios"][f"peak RSS {rule} / input-grad"] = peaks[rule] / peaks["input-grad"]
+    return {f"lrp {case}": result}
 
 
 def vit_methods():
@@ -327,8 +393,11 @@ def profile(rows: int = 20) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["minilm", "vit", "llama"])
+    parser.add_argument("--cases", nargs="+", default=["minilm", "vit", "llama", "lrp"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[4096, 16384], help="Llama N")
+    parser.add_argument(
+        "--lrp-sizes", nargs="+", type=int, default=[4096, 16384], help="Llama N of the lrp case"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tag", default="", help="output suffix")
@@ -346,6 +415,10 @@ def main(argv=None) -> None:
     if "vit" in args.cases:
         times = interleaved(vit_methods(), args.repeats)
         results["vit"] = summary(times, ("input-grad", "forward"))
+    if "lrp" in args.cases:
+        results.update(lrp_case("minilm 512", args.repeats))
+        for n in args.lrp_sizes:
+            results.update(lrp_case(f"llama {n}", max(2, args.repeats // (2 if n < 8192 else 3))))
     if "llama" in args.cases:
         for n in args.sizes:
             repeats = max(2, args.repeats // (2 if n < 8192 else 3))

@@ -22,14 +22,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from captum_chefer import (
+    CPLRP,
     AttentionGradCAM,
     AttentionRollout,
+    AttnLRP,
     CheferRelevance,
     GradientRollout,
     RawAttention,
 )
 
-METHODS = [CheferRelevance, RawAttention, AttentionRollout, AttentionGradCAM, GradientRollout]
+METHODS = [
+    CheferRelevance,
+    RawAttention,
+    AttentionRollout,
+    AttentionGradCAM,
+    GradientRollout,
+    AttnLRP,
+    CPLRP,
+]
 
 
 class Blocks(nn.Module):
@@ -69,12 +79,13 @@ def test_non_reentrant_checkpointing_gives_the_same_map(how, method):
     assert torch.equal(checkpointed, plain)
 
 
+@pytest.mark.parametrize("method", [CheferRelevance, AttnLRP])
 @pytest.mark.parametrize("how", ["sequential", "per block"])
-def test_reentrant_checkpointing_is_refused_naming_the_fix_that_works(how):
+def test_reentrant_checkpointing_is_refused_naming_the_fix_that_works(how, method):
     with pytest.raises(RuntimeError, match=r"use_reentrant=True.*use_reentrant=False"):
-        CheferRelevance(Blocks(how, reentrant=True).eval()).attribute(_ids(), target=1)
-    fixed = CheferRelevance(Blocks(how, reentrant=False).eval()).attribute(_ids(), target=1)
-    assert torch.equal(fixed, CheferRelevance(Blocks().eval()).attribute(_ids(), target=1))
+        method(Blocks(how, reentrant=True).eval()).attribute(_ids(), target=1)
+    fixed = method(Blocks(how, reentrant=False).eval()).attribute(_ids(), target=1)
+    assert torch.equal(fixed, method(Blocks().eval()).attribute(_ids(), target=1))
 
 
 def _hf(family: str):
@@ -123,7 +134,7 @@ def _hf_map(model, method=CheferRelevance):
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-@pytest.mark.parametrize("method", [CheferRelevance, AttentionRollout])
+@pytest.mark.parametrize("method", [CheferRelevance, AttentionRollout, AttnLRP, CPLRP])
 def test_hugging_face_gradient_checkpointing_in_training_mode_gives_the_same_map(family, method):
     """Hugging Face checkpoints only in train(): the model here has no dropout, so train and
     eval compute the same function; non-reentrant (its default) gives the same map, reentrant

@@ -115,8 +115,8 @@ def explain(
     """Run the flow (see the module) and return Captum-formatted relevance."""
     is_inputs_tuple = _is_tuple(inputs)
     inputs_tuple = _format_tensor_into_tuples(inputs)
-    if _empty_batch(inputs_tuple):
-        return _format_output(is_inputs_tuple, _empty_maps(inputs_tuple, spec.output))
+    if empty_batch(inputs_tuple):
+        return _format_output(is_inputs_tuple, empty_maps(inputs_tuple, spec.output))
     spec = _one_read_per_input(subject.name, spec, len(inputs_tuple))
     explained = read_rows(
         subject,
@@ -146,11 +146,12 @@ def explain(
     return _format_output(is_inputs_tuple, mapped)
 
 
-def _empty_batch(inputs: tuple[Tensor, ...]) -> bool:
+def empty_batch(inputs: tuple[Tensor, ...]) -> bool:
+    """Whether an input has no example (``B = 0``)."""
     return any(tensor.dim() > 0 and tensor.shape[0] == 0 for tensor in inputs)
 
 
-def _empty_maps(inputs: tuple[Tensor, ...], output: str) -> tuple[Tensor, ...]:
+def empty_maps(inputs: tuple[Tensor, ...], output: str) -> tuple[Tensor, ...]:
     """The maps of an empty batch: zeros shaped like each input (``(0, T)`` for tokens)."""
     if output == "token":
         return tuple(torch.zeros(0, *tensor.shape[1:2], device=tensor.device) for tensor in inputs)

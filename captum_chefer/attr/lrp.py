@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..capture import gradients
 from ..capture.lrp import ReadPoint, Variant, lrp_rules, token_layer
 from ._captum import (
     TargetType,
@@ -19,8 +20,8 @@ from ._captum import (
 )
 from .base import ModelAttribution
 from .checks import check_output
-from .engine import Output
-from .trace import as_tensor, default_target, select_one_per_example
+from .engine import Output, empty_batch, empty_maps
+from .trace import REENTRANT, as_tensor, default_target, select_one_per_example
 
 NO_ATTENTION = (
     "{name} saw no attention on the path from the inputs to the output: no softmax and no "
@@ -79,11 +80,23 @@ class _LRPAttribution(ModelAttribution):
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, not {epsilon}")
         is_inputs_tuple = _is_tuple(inputs)
-        leaves = tuple(_as_leaf(tensor) for tensor in _format_tensor_into_tuples(inputs))
+        formatted = _format_tensor_into_tuples(inputs)
+        if empty_batch(formatted):
+            return _format_output(is_inputs_tuple, empty_maps(formatted, output))
+        leaves = tuple(_as_leaf(tensor) for tensor in formatted)
         if output == "token" and layer is None:
             layer = token_layer(self.model)
-        with torch.enable_grad():  # also under the caller's no_grad
-            state, selected = self._forward(leaves, target, additional_forward_args, layer, epsilon)
+        if self.model is not None and _in_training(self.model):
+            warnings.warn(
+                "The model is in training mode: dropout makes the relevance random. Call "
+                "model.eval() first; captum_chefer does not change the mode for you.",
+                stacklevel=3,
+            )
+        rules = lrp_rules(self.model, self.variant, leaves, epsilon=epsilon, layer=layer)
+        with torch.enable_grad(), rules as state:  # enable_grad: also under the caller's no_grad
+            selected = self._forward(state, leaves, target, additional_forward_args)
+            # The backward runs under the rules too: blocks that activation checkpointing
+            # recomputes then follow them.
             if output == "token":
                 return _read_tokens(state.layer_outputs, selected)
             read = _read_inputs(leaves, state.embeddings, selected)
@@ -91,21 +104,15 @@ class _LRPAttribution(ModelAttribution):
 
     def _forward(
         self,
+        state: Any,
         leaves: tuple[Tensor, ...],
         target: TargetType,
         additional_forward_args: Any,
-        layer: nn.Module | None,
-        epsilon: float,
-    ) -> tuple[Any, Tensor]:
-        if self.model is not None and _in_training(self.model):
-            warnings.warn(
-                "The model is in training mode: dropout makes the relevance random. Call "
-                "model.eval() first; captum_chefer does not change the mode for you.",
-                stacklevel=4,
-            )
+    ) -> Tensor:
         name = type(self).__name__
-        with lrp_rules(self.model, self.variant, leaves, epsilon=epsilon, layer=layer) as state:
-            out = as_tensor(_run_forward(self.forward_func, leaves, None, additional_forward_args))
+        out = as_tensor(_run_forward(self.forward_func, leaves, None, additional_forward_args))
+        if state.reentrant:
+            raise RuntimeError(REENTRANT.format(modules="the checkpointed blocks"))
         if not state.attention_calls:
             raise RuntimeError(NO_ATTENTION.format(name=name))
         selected = select_one_per_example(out, default_target(out, target))
@@ -114,7 +121,7 @@ class _LRPAttribution(ModelAttribution):
                 f"{name}: the selected output does not depend on the inputs; check that "
                 "forward_func runs the model on inputs."
             )
-        return state, selected
+        return selected
 
 
 def _in_training(model: nn.Module) -> bool:
@@ -129,7 +136,7 @@ def _as_leaf(tensor: Tensor) -> Tensor:
 
 
 def _relevance(points: list[Tensor], selected: Tensor) -> list[Tensor]:
-    grads = torch.autograd.grad(selected.sum(), points, allow_unused=True)
+    grads = gradients(selected.sum(), points)
     return [
         point.detach() * grad if grad is not None else torch.zeros_like(point)
         for point, grad in zip(points, grads)

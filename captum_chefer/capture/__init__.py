@@ -29,6 +29,8 @@ from .recorder import (
     active_recorder,
     backward,
     check_token_mixing,
+    gradients,
+    in_reentrant_checkpoint,
     recording,
 )
 
@@ -55,6 +57,8 @@ __all__ = [
     "AttentionMode",
     "BackwardHook",
     "backward",
+    "gradients",
+    "in_reentrant_checkpoint",
     "CallRecord",
     "Dependencies",
     "Recorder",

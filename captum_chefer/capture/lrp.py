@@ -9,8 +9,11 @@ parameters and buffers are constants) and swaps each operation on them for its r
   ``F.rms_norm`` and element-wise activations → identity rule;
 - a hand-written norm (``x * rsqrt(mean(x²) + eps)``, ``x / sqrt(var + eps)``, ``x / ‖x‖``)
   is found from the shape of its computation, and its normaliser is held constant;
-- the attention matmuls, softmax and ``scaled_dot_product_attention`` (decomposed into
-  explicit operations) → uniform and softmax rules, or CP-LRP's constant attention;
+- the attention matmuls and softmax the model writes out → uniform and softmax rules, or
+  CP-LRP's constant attention; ``scaled_dot_product_attention`` (Hugging Face at ``sdpa``,
+  timm, ``nn.MultiheadAttention``) keeps the model's fused kernel, forward and backward, with
+  the same rules as its rescaled gradient (:func:`~captum_chefer.core.lrp.fused_attention_rule`):
+  no ``(B, H, N, N)`` tensor is formed;
 - products of two carried tensors (gates) → uniform rule (CP-LRP: an activated gate is held
   constant, as in Ali et al.);
 - ``F.embedding`` of carried ids → a fresh leaf, where the relevance on ids is read.
@@ -18,12 +21,19 @@ parameters and buffers are constants) and swaps each operation on them for its r
 Element-wise activation modules that are written out by hand (the table
 :data:`ELEMENTWISE_MODULE_HOMES`) get the identity rule as a whole through a forward hook that
 acts on the calling thread only. The mode is popped and the hooks removed in ``finally``.
+
+The caller runs its backward inside the block, through
+:func:`~captum_chefer.capture.gradients`, so that a block that non-reentrant activation
+checkpointing recomputes during the backward runs under the same rules (and saves the same
+tensors). Reentrant checkpointing runs the block without gradients and cannot be
+back-propagated by ``torch.autograd.grad``: :attr:`LRPState.reentrant` names it for a refusal.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -37,13 +47,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ..core.lrp import (
-    attention_rule,
+    fused_attention_rule,
     identity_rule,
     layer_norm_rule,
     linear_rule,
-    straight_through,
     uniform_rule,
 )
+from .recorder import in_reentrant_checkpoint
 
 Variant = Literal["attnlrp", "cplrp"]
 
@@ -80,6 +90,9 @@ class LRPState:
     embeddings: list[ReadPoint] = field(default_factory=list)
     layer_outputs: list[ReadPoint] = field(default_factory=list)
     attention_calls: int = 0
+    reentrant: bool = False
+    """Whether input-dependent operations ran without gradients inside reentrant activation
+    checkpointing (``use_reentrant=True``), which the rules cannot follow."""
     _origins: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
     _tags: dict[int, tuple[weakref.ref, str]] = field(default_factory=dict)
 
@@ -182,28 +195,23 @@ _DROPOUT = (
     "Attention dropout is active (the model is in training mode), so no LRP rule can follow "
     "the forward. Call model.eval() first."
 )
-_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+_SDPA_NAMES = (
+    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+)  # fmt: skip
 
 
 def _sdpa(state: LRPState, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """The model's fused kernel, forward and backward, with the rules as its rescaled gradient."""
     bound = dict(zip(_SDPA_NAMES, args)) | kwargs
     if not any(state.carried(bound[name]) for name in ("query", "key", "value")):
         return func(*args, **kwargs)
     if bound.get("dropout_p", 0.0):
         raise RuntimeError(_DROPOUT)
     state.attention_calls += 1
-    with torch.no_grad():
-        value = func(*args, **kwargs)
-    surrogate = attention_rule(
-        bound["query"],
-        bound["key"],
-        bound["value"],
-        bound.get("attn_mask"),
-        bool(bound.get("is_causal", False)),
-        bound.get("scale"),
-        conservative=state.variant == "cplrp",
-    )
-    return straight_through(value, surrogate)
+    query, key, value = bound.pop("query"), bound.pop("key"), bound.pop("value")
+    mask = bound.pop("attn_mask", None)
+    conservative = state.variant == "cplrp"
+    return fused_attention_rule(func, query, key, value, mask, conservative=conservative, **bound)
 
 
 def _product(state: LRPState, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -322,72 +330,26 @@ _MHA_NAMES = (
     "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
     "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
     "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
-    "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
 )  # fmt: skip
 
 
 def _multi_head(state: LRPState, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """``nn.MultiheadAttention``: the fused function's value, the rules' explicit gradient."""
+    """``nn.MultiheadAttention``: torch's own function, its operations under the rules.
+
+    The function is run with the rules active inside it (its own torch-function check turned
+    off for this call): the projections get the epsilon rule and its
+    ``scaled_dot_product_attention`` the fused rule; with ``need_weights`` its explicit
+    attention gets the matmul and softmax rules.
+    """
     call = dict(zip(_MHA_NAMES, args)) | kwargs
     if not any(state.carried(call[name]) for name in ("query", "key", "value")):
         return func(*args, **kwargs)
     if call.get("training", True) and call.get("dropout_p", 0.0):
         raise RuntimeError(_DROPOUT)
-    if (
-        call.get("bias_k") is not None
-        or call.get("add_zero_attn")
-        or call.get("static_k") is not None
-    ):
-        raise RuntimeError(
-            _NO_RULE.format(op="nn.MultiheadAttention with bias_k, add_zero_attn or static keys")
-        )
-    state.attention_calls += 1
-    with torch.no_grad():
-        value, weights = func(*args, **kwargs)
-    return straight_through(value, _explicit_multi_head(state, call)), weights
-
-
-def _explicit_multi_head(state: LRPState, call: dict[str, Any]) -> Tensor:
-    heads, (n_query, batch, dim) = call["num_heads"], call["query"].shape
-    if call.get("use_separate_proj_weight"):
-        weights = (call["q_proj_weight"], call["k_proj_weight"], call["v_proj_weight"])
-    else:
-        weights = call["in_proj_weight"].chunk(3)
-    biases = (None,) * 3 if call["in_proj_bias"] is None else call["in_proj_bias"].chunk(3)
-    q, k, v = (
-        _project(state, call[name], weight, bias).unflatten(-1, (heads, -1)).permute(1, 2, 0, 3)
-        for name, weight, bias in zip(("query", "key", "value"), weights, biases)
-    )
-    mask = _additive_mask(call, q)
-    causal = bool(call.get("is_causal")) and call.get("attn_mask") is None
-    out = attention_rule(q, k, v, mask, causal, conservative=state.variant == "cplrp")
-    out = out.permute(2, 0, 1, 3).reshape(n_query, batch, dim)
-    return _project(state, out, call["out_proj_weight"], call["out_proj_bias"])
-
-
-def _project(state: LRPState, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return (
-        linear_rule(x, weight, bias, state.epsilon)
-        if x.requires_grad
-        else F.linear(x, weight, bias)
-    )
-
-
-def _additive_mask(call: dict[str, Any], q: Tensor) -> Tensor | None:
-    """``nn.MultiheadAttention``'s masks (bool: True = ignore) as one additive ``(B, H, L, S)``."""
-    batch, heads, n_query, _ = q.shape
-    mask = None
-    for given, shape in ((call.get("attn_mask"), None), (call.get("key_padding_mask"), "keys")):
-        if given is None:
-            continue
-        if given.dtype == torch.bool:
-            given = torch.zeros_like(given, dtype=q.dtype).masked_fill(given, float("-inf"))
-        if shape == "keys":
-            given = given[:, None, None, :]
-        elif given.dim() == 3:
-            given = given.unflatten(0, (batch, heads))
-        mask = given.to(q.dtype) if mask is None else mask + given.to(q.dtype)
-    return mask
+    namespace = {**func.__globals__, "has_torch_function": lambda *args: False}
+    inner = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__)
+    with _RulesMode(state):
+        return inner(*args, **kwargs)
 
 
 _VARIANCES = (torch.var, Tensor.var)
@@ -440,6 +402,8 @@ class _RulesMode(TorchFunctionMode):
         origins = _arg_origins(self.state, args, kwargs)
         if not origins:
             return func(*args, **kwargs)
+        if not torch.is_grad_enabled() and not self.state.reentrant:
+            self.state.reentrant = in_reentrant_checkpoint()
         handler = HANDLERS.get(func)
         if handler is not None:
             out = handler(self.state, func, args, kwargs)

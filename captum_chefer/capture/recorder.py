@@ -601,11 +601,25 @@ def backward(recorder: Recorder, outputs: Tensor, inputs: list[Tensor]) -> None:
     """
     recorder.in_backward = True
     try:
-        Variable._execution_engine.run_backward(
-            (outputs,), (torch.ones_like(outputs),), False, False, tuple(inputs), True, False
-        )
+        gradients(outputs, inputs)
     finally:
         recorder.in_backward = False
+
+
+def gradients(output: Tensor, inputs: list[Tensor]) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(output, inputs, allow_unused=True)``, run by the autograd engine
+    directly, so that a torch-function mode active on this thread stays active during the
+    backward (``torch.autograd.grad`` is itself dispatched through the mode, which turns itself
+    off while it handles a call). ``.grad`` is never written.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> gradients((x * x).sum(), [x])
+        (tensor([2., 4.]),)
+    """
+    return Variable._execution_engine.run_backward(
+        (output,), (torch.ones_like(output),), False, False, tuple(inputs), True, False
+    )
 
 
 def in_reentrant_checkpoint() -> bool:

@@ -19,6 +19,11 @@ its backward, so that ``x ⊙ g_x`` at the operation's input is the relevance th
 - **softmax rule** (AttnLRP Prop. 3.1): ``R_in_i = x_i (R_out_i − s_i Σ_j R_out_j)``, which is
   plain gradient × input at the softmax's input; CP-LRP instead holds the attention
   probabilities constant, so no relevance reaches queries and keys.
+
+On a fused kernel the attention rules are its own gradient, rescaled
+(:func:`fused_attention_rule`); :func:`attention_rule` writes them out explicitly. Every rule's
+backward runs with torch-function modes off, and saves with ``save_for_backward`` what it
+needs, so activation checkpointing drops and recomputes it as it does the model's own.
 """
 
 from __future__ import annotations
@@ -32,17 +37,23 @@ from torch.autograd import Function
 
 
 class _IdentityRule(Function):
-    """Forward: the given output ``y``; backward: ``g ⊙ y / x`` (0 where ``x == 0``)."""
+    """Forward: the given output ``y``; backward: ``g ⊙ y / x`` (0 where ``x == 0``).
+
+    ``y`` and ``x`` are saved, not their ratio: ``x`` is saved anyway (a linear layer's output,
+    which the epsilon rule keeps), so only ``y`` is new, and the ratio is formed in the
+    backward, one activation at a time.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor) -> Tensor:
-        ctx.save_for_backward(_safe_ratio(y, x))
+        ctx.save_for_backward(x, y)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (ratio,) = ctx.saved_tensors
-        return grad * ratio, None
+        x, y = ctx.saved_tensors
+        with torch._C.DisableTorchFunction():
+            return grad * _safe_ratio(y, x), None
 
 
 def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -80,7 +91,8 @@ class _ScaleGradient(Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.share, None
+        with torch._C.DisableTorchFunction():
+            return grad * ctx.share, None
 
 
 def uniform_rule(x: Tensor, share: float = 0.5) -> Tensor:
@@ -120,9 +132,10 @@ class _LayerNormRule(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        std = (x.var(ctx.dims, unbiased=False, keepdim=True) + ctx.eps).sqrt()
-        scaled = grad if weight is None else grad * weight
-        return (scaled - scaled.mean(ctx.dims, keepdim=True)) / std, None, None, None, None
+        with torch._C.DisableTorchFunction():
+            std = (x.var(ctx.dims, unbiased=False, keepdim=True) + ctx.eps).sqrt()
+            scaled = grad if weight is None else grad * weight
+            return (scaled - scaled.mean(ctx.dims, keepdim=True)) / std, None, None, None, None
 
 
 def layer_norm_rule(
@@ -155,33 +168,38 @@ def layer_norm_rule(
 
 
 class _LinearRule(Function):
+    """``F.linear`` forward; backward ``g ⊙ z / (z + ε sign z)`` times ``W``.
+
+    ``z`` is saved with ``save_for_backward`` (activation checkpointing may drop and recompute
+    it), and the epsilon factor is formed in two passes over ``z``.
+    """
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, epsilon: float) -> Tensor:
         out = F.linear(x, weight, bias)
         if out._is_view():  # the model may change it in place, which a Function's view forbids
             out = out.clone()
         ctx.epsilon = epsilon
-        ctx.save_for_backward(weight)
-        # z is kept without autograd's version check, which would fail with a bare message if
-        # the model changes it in place; the check below names the cause and the fix.
-        ctx.out = out.detach() if epsilon > 0 else None
-        ctx.version = out._version
+        ctx.save_for_backward(weight, out if epsilon > 0 else None)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (weight,) = ctx.saved_tensors
-        out = ctx.out
-        if out is not None and out._version != ctx.version:
+        try:
+            weight, out = ctx.saved_tensors
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
             raise RuntimeError(
                 "The model changes a linear layer's output in place, but the epsilon rule needs "
                 "its value z = Wx + b. Pass epsilon=0 (LRP-0: plain gradient x input at linear "
                 "layers), which does not need it."
-            )
-        if out is not None:
-            sign = (out >= 0).to(out.dtype) * 2 - 1
-            grad = grad * out / (out + ctx.epsilon * sign)
-        return grad @ weight.to(grad.dtype), None, None, None
+            ) from None
+        with torch._C.DisableTorchFunction():
+            if out is not None:
+                shift = torch.full((), ctx.epsilon, dtype=out.dtype, device=out.device)
+                grad = (grad * out).div_(torch.copysign(shift, out).add_(out))
+            return grad @ weight.to(grad.dtype), None, None, None
 
 
 def linear_rule(
@@ -234,6 +252,52 @@ def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
         (7.0, 3.0)
     """
     return _StraightThrough.apply(value.detach(), surrogate)
+
+
+def fused_attention_rule(
+    kernel: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    *,
+    conservative: bool = False,
+    **options: Any,
+) -> Tensor:
+    """The AttnLRP or CP-LRP rule on a fused attention kernel, at the cost of its gradient.
+
+    The uniform rule on ``Q·Kᵀ`` and on ``A·V`` with the softmax rule (AttnLRP) is the kernel's
+    ordinary gradient with the gradient into queries and keys scaled by 1/4 and into values
+    (and an input-dependent float mask) by 1/2; CP-LRP holds the probabilities constant, which
+    is the kernel with queries, keys and mask detached. So the kernel runs as the model calls
+    it, forward and backward, and no ``(B, H, N, N)`` tensor is formed; the result equals
+    :func:`attention_rule`.
+
+    Args:
+        kernel: ``torch.nn.functional.scaled_dot_product_attention`` (or a function with its
+            signature).
+        query, key, value, attn_mask: the kernel's inputs.
+        conservative: CP-LRP instead of AttnLRP.
+        options: the kernel's other keyword arguments (``is_causal``, ``scale``,
+            ``enable_gqa``, ``dropout_p``).
+
+    Example:
+        >>> q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+        ...            for _ in range(3))
+        >>> fused = fused_attention_rule(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        >>> explicit = attention_rule(q, k, v, is_causal=True)
+        >>> a = torch.autograd.grad(fused.sum(), (q, k, v))
+        >>> b = torch.autograd.grad(explicit.sum(), (q, k, v))
+        >>> all(torch.allclose(x, y) for x, y in zip(a, b))
+        True
+    """
+    if conservative:
+        query, key = query.detach(), key.detach()
+    else:
+        query, key, value = uniform_rule(query, 0.25), uniform_rule(key, 0.25), uniform_rule(value)
+    if isinstance(attn_mask, Tensor) and attn_mask.requires_grad:
+        attn_mask = attn_mask.detach() if conservative else uniform_rule(attn_mask)
+    return kernel(query, key, value, attn_mask=attn_mask, **options)
 
 
 def attention_rule(
