@@ -511,6 +511,8 @@ def to_cpu(value: Any) -> Any:
         return value.inner.detach().clone()
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(to_cpu(item) for item in value))
     if isinstance(value, (tuple, list)):
         return type(value)(to_cpu(item) for item in value)
     if isinstance(value, dict):

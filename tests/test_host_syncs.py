@@ -13,10 +13,13 @@ Run ``python tests/test_host_syncs.py`` for the table of syncs per call by class
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import models
@@ -411,25 +414,36 @@ GRID_MODELS = {
 GRID = [(method, model) for method in ATTRIBUTIONS + LRP for model in GRID_MODELS]
 
 
+@dataclass
+class Run:
+    """One call to count: the model (or None), CPU tensors, and the call on moved tensors."""
+
+    model: torch.nn.Module | None
+    tensors: Any
+    call: Callable[[Any], Any]
+
+
+def attribution_run(method: str, case: Case) -> Run:
+    """``method`` on ``case``: ``explainer.attribute(inputs, target, args)``."""
+    make = _lrp_class(method) if method in LRP else _attention_class(method)
+    call = make(case)
+    return Run(case.model, (case.inputs, case.target, case.args), lambda t: call(*t))
+
+
 def count_attribution(method: str, model_name: str) -> Log:
     """The events of one call of ``method`` on ``model_name``, on the simulated device."""
-    case = GRID_MODELS[model_name]()
-    make = _lrp_class(method) if method in LRP else _attention_class(method)
-    return _count(case, make(case))
+    return run_on_device(attribution_run(method, GRID_MODELS[model_name]()))[0]
 
 
-def _count(case: Case, call: Callable[[Any, Any, tuple], Any]) -> Log:
-    return run_on_device(case, call)[0]
-
-
-def run_on_device(case: Case, call: Callable[[Any, Any, tuple], Any]) -> tuple[Log, Any]:
-    """The events of ``call`` on the case moved to the simulated device, and its result (back
-    on the CPU). The model is moved in place: build a fresh case for each run."""
+def run_on_device(run: Run) -> tuple[Log, Any]:
+    """The events of ``run`` with its model and tensors moved to the simulated device, and its
+    result (back on the CPU). The model is moved in place: build a fresh run for each."""
     with DeviceSimulation() as sim:
-        sim.move(case.model)
-        inputs, target, args = sim.move((case.inputs, case.target, case.args))
+        if run.model is not None:
+            sim.move(run.model)
+        tensors = sim.move(run.tensors)
         with sim.record() as log:
-            result = call(inputs, target, args)
+            result = run.call(tensors)
         assert all(isinstance(item, SimTensor) for item in _tensors(result))
     return log, to_cpu(result)
 
@@ -462,18 +476,16 @@ def test_attribution_syncs_within_budget(method, model_name):
 @pytest.mark.parametrize("model_name", ["bert-2", "llama", "vit"])
 def test_the_simulated_device_gives_the_cpu_map(method, model_name):
     """The counts are those of the real computation: the map on the device is the CPU's."""
-    case = GRID_MODELS[model_name]()
-    make = _lrp_class(method) if method in LRP else _attention_class(method)
-    expected = make(case)(case.inputs, case.target, case.args)
-    _, got = run_on_device(case, make(case))
+    run = attribution_run(method, GRID_MODELS[model_name]())
+    expected = run.call(run.tensors)
+    _, got = run_on_device(run)
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-7)
 
 
 def test_nn_multihead_attention_with_weights_syncs_within_budget():
     """``nn.MultiheadAttention`` returns its weights by default: recomputed from the captured
     call without reading the key padding mask."""
-    case = mha_case()
-    log = _count(case, _attention_class("CheferRelevance")(case))
+    log, _ = run_on_device(attribution_run("CheferRelevance", mha_case()))
     check_budget("CheferRelevance", log)
 
 
@@ -588,10 +600,15 @@ MULTI_STREAM = {
 }
 
 
-def count_multi_stream(method: str) -> Log:
+def multi_stream_run(method: str) -> Run:
     _, make_case, make_call = MULTI_STREAM[method]
     case = make_case()
-    return _count(case, make_call(case))
+    call = make_call(case)
+    return Run(case.model, (case.inputs, case.target, case.args), lambda t: call(*t))
+
+
+def count_multi_stream(method: str) -> Log:
+    return run_on_device(multi_stream_run(method))[0]
 
 
 @pytest.mark.parametrize("method", list(MULTI_STREAM))
@@ -683,16 +700,13 @@ METRIC_CASES = [
 ]
 
 
-def count_metric(name: str, kind: str) -> Log:
+def metric_run(name: str, kind: str) -> Run:
     case = {maker.__name__.strip("_"): maker for maker in METRICS[name]}[kind](name)
-    with DeviceSimulation() as sim:
-        if case.model is not None:
-            sim.move(case.model)
-        tensors = sim.move(case.tensors)
-        with sim.record() as log:
-            result = case.call(tensors)
-        assert all(isinstance(item, SimTensor) for item in _tensors(result))
-    return log
+    return Run(case.model, case.tensors, case.call)
+
+
+def count_metric(name: str, kind: str) -> Log:
+    return run_on_device(metric_run(name, kind))[0]
 
 
 def test_every_public_metric_is_counted():
@@ -705,30 +719,98 @@ def test_metric_syncs_within_budget(name, kind):
     check_budget(name, count_metric(name, kind))
 
 
-# --- the table --------------------------------------------------------------------------------
+# --- the GPU script -----------------------------------------------------------------------
+
+
+def _gpu_check():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_the_gpu_script_runs_its_cpu_smoke_path(tmp_path):
+    """``benchmarks/gpu_check.py --device cpu --quick`` runs every stage's code on the CPU (the
+    lent GPU runs the same script), skipping only what needs CUDA and saying so; the split and
+    checkpointed maps equal the plain ones."""
+    stages = ["tests", "syncs", "split", "checkpointing", "engine"]
+    _gpu_check().main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--stages", *stages])
+    found = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert found["tests"]["skipped"] == found["engine"]["skipped"] == "needs CUDA"
+    syncs = found["syncs"]
+    assert syncs["summary"]["errors"] == [] and syncs["summary"]["runs"] == 6
+    for label in ["CheferRelevance/bert-2", "CheferRelevance/llama bf16", "AttnLRP/bert-2"]:
+        entry = syncs[label]
+        assert entry["simulated package syncs"] <= entry["budget"]
+        assert entry["cuda"].startswith("skipped: needs CUDA")
+    split = {name: entry for name, entry in found["split"].items() if name != "seconds"}
+    assert set(split) == {"CheferRelevance", "AttnLRP"}
+    assert all(entry["equal within 1e-5"] for entry in split.values())
+    assert found["checkpointing"]["max rel diff ckpt vs plain"] <= 1e-6
+
+
+def test_the_gpu_script_reads_cudas_sync_debug_mode(monkeypatch):
+    """The warn and error modes' reports, with CUDA's calls replaced: every warned sync is kept
+    with its site, and the first raise is located."""
+    gpu_check = _gpu_check()
+    modes: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def syncs_twice():
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+    def raises():
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    events = gpu_check._warned_syncs(syncs_twice)
+    assert [event.where[1] for event in events] == ["syncs_twice", "syncs_twice"]
+    assert not any(event.by_package for event in events)
+    raised = gpu_check._first_raise(raises)
+    assert raised["raised"] and raised["at"] == ["test_host_syncs.py", "raises"]
+    assert raised["by"] == "model"
+    assert gpu_check._first_raise(lambda: None) == {"raised": False}
+    assert modes == ["warn", "default", "error", "default", "error", "default"]
+
+
+# --- every run, for the table and for benchmarks/gpu_check.py ------------------------------
+
+
+def all_runs() -> dict[str, tuple[str, Callable[[], Run]]]:
+    """Every counted call by label (``class/model`` or ``metric/inputs``): the name of its
+    budget and a maker of a fresh :class:`Run`."""
+    runs: dict[str, tuple[str, Callable[[], Run]]] = {}
+    for method, model in GRID:
+        make = functools.partial(lambda m, n: attribution_run(m, GRID_MODELS[n]()), method, model)
+        runs[f"{method}/{model}"] = (method, make)
+    for method, (model, *_) in MULTI_STREAM.items():
+        runs[f"{method}/{model}"] = (method, functools.partial(multi_stream_run, method))
+    for name, kind in METRIC_CASES:
+        runs[f"{name}/{kind}"] = (name, functools.partial(metric_run, name, kind))
+    return runs
 
 
 def sync_table() -> str:
-    """Package syncs per call (all syncs, the model's own included, in brackets), as Markdown."""
-
-    def cell(log: Log) -> str:
-        return f"{len(log.package_syncs)} ({len(log.syncs)})" + (" MIX" if log.mixes else "")
-
-    lines = ["| class | " + " | ".join(GRID_MODELS) + " |", "|---" * (len(GRID_MODELS) + 1) + "|"]
+    """Package syncs per call (all syncs, the model's own included, in brackets), as Markdown,
+    with the sites of the package's syncs."""
+    counts: dict[str, str] = {}
     sites: dict[str, int] = {}
-
-    def note(log: Log) -> Log:
+    for label, (_, make) in all_runs().items():
+        log = run_on_device(make())[0]
+        counts[label] = f"{len(log.package_syncs)} ({len(log.syncs)})" + (
+            " MIX" if log.mixes else ""
+        )
         for event in log.package_syncs:
             sites[event.site] = sites.get(event.site, 0) + 1
-        return log
-
+    lines = ["| class | " + " | ".join(GRID_MODELS) + " |", "|---" * (len(GRID_MODELS) + 1) + "|"]
     for method in ATTRIBUTIONS + LRP:
-        cells = [cell(note(count_attribution(method, model))) for model in GRID_MODELS]
+        cells = [counts[f"{method}/{model}"] for model in GRID_MODELS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    for method, (model, *_) in MULTI_STREAM.items():
-        lines.append(f"| {method} ({model}) | {cell(note(count_multi_stream(method)))} |")
-    for name, kind in METRIC_CASES:
-        lines.append(f"| {name} ({kind}) | {cell(note(count_metric(name, kind)))} |")
+    others = [label for label in counts if label.split("/")[1] not in GRID_MODELS]
+    lines += ["", "| class or metric / model or inputs | syncs |", "|---|---|"]
+    lines += [f"| {label} | {counts[label]} |" for label in others]
     lines += ["", "Sites (count over the table):"]
     lines += [f"- {site}: {count}" for site, count in sorted(sites.items())]
     return "\n".join(lines)

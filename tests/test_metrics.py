@@ -497,6 +497,24 @@ def test_deletion_and_insertion_auc_are_normalised_by_the_grid_width():
     assert insertion_auc(torch.tensor([0.0, 1.0]), (0.0, 0.5)).item() == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.long])
+def test_areas_equal_torch_trapezoid_on_uneven_grids(dtype):
+    """The areas are summed with the grid's spacings as Python numbers (no upload of the
+    grid): the same as ``torch.trapezoid`` over the grid as a tensor."""
+    generator = torch.Generator().manual_seed(11)
+    fractions = (0.0, 0.05, 0.2, 0.45, 0.5, 0.9)
+    curve = (torch.rand(3, 2, 6, generator=generator, dtype=torch.float64) * 10).to(dtype)
+    values = curve if curve.is_floating_point() else curve.float()
+    grid = torch.tensor(fractions, dtype=values.dtype)
+    area = torch.trapezoid(values, grid, dim=-1)
+    torch.testing.assert_close(perturbation_auc(curve, fractions), area * 100)
+    torch.testing.assert_close(deletion_auc(curve, fractions), area / 0.9)
+    torch.testing.assert_close(
+        insertion_auc(curve, fractions, reduction="mean"), (area / 0.9).mean()
+    )
+    assert perturbation_auc(curve, fractions).dtype == values.dtype
+
+
 # --------------------------------------------------------------------------------------------
 # ERASER
 
