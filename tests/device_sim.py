@@ -26,8 +26,9 @@ by name would differ (the package's distributed jobs pick NCCL for it). A *real*
 (no data) among the simulated ones is an error, so nothing is silently computed without data.
 
 Each event keeps its Python stack. :attr:`Event.frame` is the innermost frame inside
-``captum_chefer``; :attr:`Event.origin` the innermost outside torch (a model's own read, e.g.
-in Hugging Face's mask code, is the model's: :attr:`Event.by_package` tells them apart);
+``captum_chefer``; :attr:`Event.origin` is the innermost frame outside torch and Captum (whose
+helpers the package calls), the code that asked. A model's own read (Hugging Face's mask code
+reads values) is the model's, not the package's: :attr:`Event.by_package` tells them apart.
 :attr:`Event.site` gives both as ``file:line (function)``, :attr:`Event.where` the origin as
 ``(file, function)`` for assertions that survive edits of line numbers. A
 ``__torch_function__`` handler that only forwards the call (the package's capture mode runs
@@ -64,6 +65,9 @@ SIM_DEVICE = torch.device("meta")
 """The device every simulated tensor reports."""
 
 PACKAGE_DIR = os.path.join(os.sep + "captum_chefer", "")
+LIBRARIES = ("torch", "captum")
+"""Libraries whose frames never count as the asker: torch itself, and Captum, whose helpers the
+package calls (a sync in them is the package's)."""
 HARNESS_FILE = os.path.abspath(__file__)
 
 aten = torch.ops.aten
@@ -120,7 +124,7 @@ class Event:
 
     @property
     def origin(self) -> traceback.FrameSummary | None:
-        """The innermost frame outside torch: the code that asked for the event.
+        """The innermost frame outside torch and Captum: the code that asked for the event.
 
         A ``__torch_function__`` handler that only forwards the call (``func(*args,
         **kwargs)``, as the package's capture mode does for the model's own ops) is skipped:
@@ -242,7 +246,7 @@ def _active() -> DeviceSimulation:
 def _askers(stack: tuple[traceback.FrameSummary, ...]) -> Iterator[traceback.FrameSummary]:
     """The frames of ``stack`` that may have asked for an event, innermost first."""
     for frame in reversed(stack):
-        if f"{os.sep}torch{os.sep}" in frame.filename:
+        if any(f"{os.sep}{library}{os.sep}" in frame.filename for library in LIBRARIES):
             continue
         if frame.name == "__torch_function__" and "func(*args, **kwargs)" in (frame.line or ""):
             continue
@@ -278,7 +282,7 @@ def _is_sim_device(device: Any) -> bool:
 
 
 class _Recorder:
-    """Shared by both modes: the event lists currently recording (per thread-safe append)."""
+    """The event lists recording now, shared by the dispatch mode and the upload patches."""
 
     def __init__(self) -> None:
         self.logs: list[Log] = []
@@ -326,9 +330,10 @@ class _DispatchMode(TorchDispatchMode):
                 inner_kwargs["device"] = torch.device("cpu")
         self._record(func, args, kwargs, bool(wrappers), plain, out_on_sim)
         result = func(*inner_args, **inner_kwargs)
-        if not out_on_sim and func not in (aten.copy_.default,):
+        if not out_on_sim:
             return result
-        return tree_map(lambda value: self._wrap(func, value, wrappers), result)
+        plain_ids = {id(tensor) for tensor in plain}
+        return tree_map(lambda value: self._wrap(func, value, wrappers, plain_ids), result)
 
     def _record(self, func, args, kwargs, has_sim, plain, out_on_sim) -> None:
         add = self.recorder.add
@@ -347,10 +352,7 @@ class _DispatchMode(TorchDispatchMode):
             if isinstance(source, SimTensor) and not isinstance(destination, SimTensor):
                 add("download", func)
             elif isinstance(destination, SimTensor) and not isinstance(source, SimTensor):
-                if source.dim() > 0:
-                    add("upload", func, "a CPU tensor copied into a device tensor")
-                else:
-                    add("cpu_scalar", func)
+                add("upload", func, "a CPU tensor copied into a device tensor")
             return
         if has_sim and func in DATA_DEPENDENT_OPS:
             add("data_dependent", func)
@@ -364,9 +366,9 @@ class _DispatchMode(TorchDispatchMode):
                 add("cpu_scalar", func)
 
     @staticmethod
-    def _wrap(func, value: Any, wrappers: dict[int, SimTensor]) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
+    def _wrap(func, value: Any, wrappers: dict[int, SimTensor], plain_ids: set[int]) -> Any:
+        if not isinstance(value, torch.Tensor) or id(value) in plain_ids:
+            return value  # (an in-place op on a host tensor returns it)
         if id(value) in wrappers:  # an in-place or out= op returns its argument
             wrapper = wrappers[id(value)]
             if wrapper.shape != value.shape or wrapper.stride() != value.stride():

@@ -135,6 +135,7 @@ def test_a_scalar_read_is_one_sync_at_its_line(read):
         (lambda x: x.to("cpu", torch.float64), "download"),
         (lambda x: torch.zeros(3).copy_(x), "download"),
         (lambda x: x.copy_(torch.ones(3)), "upload"),
+        (lambda x: x[0].copy_(torch.tensor(2.0)), "upload"),
         (lambda x: torch.ones(3).to(x.device), "upload"),
         (lambda x: torch.tensor([1.0, 2.0], device=x.device), "python_upload"),
         (lambda x: torch.as_tensor(True, device=x.device), "python_upload"),
@@ -168,6 +169,15 @@ def test_device_work_is_not_an_event_and_gives_the_cpu_values():
     assert _kinds(log) == [], log.report()
     assert all(isinstance(value, SimTensor) and value.device == SIM_DEVICE for value in got)
     torch.testing.assert_close(to_cpu(got), expected, rtol=0, atol=0)
+
+
+def test_in_place_ops_return_their_own_tensor():
+    with DeviceSimulation() as sim:
+        x = sim.move(torch.tensor([1.0, 2.0]))
+        host = torch.zeros(2)
+        assert host.copy_(x) is host and host.tolist() == [1.0, 2.0]
+        assert x.copy_(torch.tensor([3.0, 4.0])) is x and x.add_(1.0) is x
+        assert to_cpu(x).tolist() == [4.0, 5.0]
 
 
 def test_events_in_backward_hooks_are_caught():
@@ -729,6 +739,7 @@ def _gpu_check():
     return gpu_check
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_its_cpu_smoke_path(tmp_path):
     """``benchmarks/gpu_check.py --device cpu --quick`` runs every stage's code on the CPU (the
     lent GPU runs the same script), skipping only what needs CUDA and saying so; the split and
