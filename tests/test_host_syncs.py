@@ -664,6 +664,18 @@ def _image_metric(name: str) -> MetricCase:
     return MetricCase(tensors, lambda t: function(model, t["images"], t["relevance"]), model)
 
 
+def _image_groups(name: str) -> MetricCase:
+    """Ranked by groups of pixels (a ``feature_mask`` of 8x8 blocks with unordered ids)."""
+    case = _image_metric(name)
+    blocks = torch.arange(16).reshape(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    ids = torch.tensor([5, -3, 1000, 7, 2, 9, 11, 0, 4, 3, 12, 8, 6, 1, 10, 13])[blocks]
+    case.tensors["groups"] = ids[None, None]
+    function = getattr(metrics, name)
+    model = case.model
+    case.call = lambda t: function(model, t["images"], t["relevance"], feature_mask=t["groups"])
+    return case
+
+
 def _curve_area(name: str) -> MetricCase:
     steps = len(metrics.CHEFER_FRACTIONS if name == "perturbation_auc" else metrics.RISE_FRACTIONS)
     curve = torch.rand(2, steps, generator=torch.Generator().manual_seed(7))
@@ -692,9 +704,9 @@ def _localization(name: str) -> MetricCase:
 
 
 METRICS = {
-    "perturbation_curve": [_text_metric, _image_metric],
+    "perturbation_curve": [_text_metric, _image_metric, _image_groups],
     "deletion_curve": [_text_metric, _image_metric],
-    "insertion_curve": [_text_metric, _image_metric],
+    "insertion_curve": [_text_metric, _image_metric, _image_groups],
     "comprehensiveness": [_text_metric],
     "sufficiency": [_text_metric],
     "perturbation_auc": [_curve_area],
