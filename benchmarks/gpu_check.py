@@ -3,28 +3,40 @@
 Stages, in order of importance; each writes its results as soon as it is done, so a run cut
 short keeps what it had, and a stage starts only if its share of the time is left:
 
-1. ``tests``: the CUDA cases of the test suite (``pytest -k cuda`` on the files that
-   parametrise over ``cuda``).
-2. ``syncs``: ``torch.cuda.set_sync_debug_mode("warn")`` around one attribution of each class
-   (BERT in float32, a Llama-style decoder in bfloat16) and two metrics, with every
-   synchronising operation's Python site; the counts to compare with the CPU simulation of
-   ``tests/test_host_syncs.py`` (at most 2 per relevance call, 0 for the LRP rules, 1 per
-   metric call, a model's own aside).
-3. ``split``: a model split across ``cpu`` and ``cuda:0`` gives the single-device map.
+1. ``syncs``: every run of ``tests/test_host_syncs.py`` (each attribution class on BERT with 2
+   and 6 layers, a Llama-style decoder and a timm ViT, the multi-stream classes on BART,
+   ``nn.Transformer`` and CLIP, every metric) in float32, and four Llama runs in bfloat16,
+   on CUDA: under ``torch.cuda.set_sync_debug_mode("warn")`` every synchronising operation
+   with its Python site, the package's told from the model's own (Hugging Face's mask and
+   cache code read values too); under ``"error"`` whether the call raised, and where. Beside
+   each, the count of the CPU simulation, and the verdict against the test's budget (the
+   listed sites, at most 1 per attention call and per metric call, 0 for the LRP rules).
+2. ``tests``: the CUDA cases of the test suite (``pytest -k cuda`` on the files that
+   parametrise over ``cuda``), the whole output saved as ``DIR/pytest_cuda.txt``.
+3. ``split``: a model split across ``cpu`` and ``cuda:0`` (embeddings and the first half of
+   the layers on one, the rest on the other, the hidden states moved between them) gives the
+   single-device map, for CheferRelevance and AttnLRP.
 4. ``checkpointing``: a Llama-style decoder at 16384 tokens: the map with Hugging Face's
    per-layer activation checkpointing equals the map without, and the peak of
    ``torch.cuda.max_memory_allocated`` of each method against the no-grad forward's.
 5. ``lrp``: AttnLRP, CP-LRP and the row engine against the input gradient on the Llama-style
    decoder at 16384 tokens: median time of three runs and peak allocated memory.
 6. ``engine``: ``benchmarks/engine.py --device cuda`` on the Llama-style decoder at 16384 and
-   32768 tokens (``row``, ``input-grad``, ``forward``).
+   32768 tokens (``row``, ``input-grad``, ``forward``); its log (with its tables) and its
+   results file are copied to ``DIR``.
 7. ``1b``: the same at 32768 tokens on the ~1.1B-parameter config in bfloat16, within 80 GB.
 
-Needs: torch with CUDA, transformers, pytest, and captum (carry its wheel: it is pure Python).
-On the lent machine, from the repository root (``.whl`` holds captum's wheel)::
+Results: ``DIR/gpu_check.json`` and ``.md`` (``--out DIR``, default ``benchmarks/results/``),
+rewritten after every stage, with ``pytest_cuda.txt``, ``engine_*.log`` (with engine's tables)
+and engine's own ``engine_cuda*_gpu.json``: 7 files, under the 8 a lent machine returns.
+
+Needs: torch with CUDA, transformers, timm, pytest, matplotlib (engine's plot) and captum
+(carry its wheel: it is pure Python; captum needs nothing the lent machine lacks). The
+pretrained MiniLM is not needed. On the lent machine, from the repository root, with captum's
+wheel in ``.whl`` (here: ``pip download --no-deps -d .whl captum==0.9.0``)::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_check.py --out $OUT
+    PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
 
 Here, without a GPU, ``--device cpu --quick`` runs the same code on the CPU as a smoke test (it
 skips what needs CUDA and says so).
@@ -35,12 +47,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +65,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-STAGES = ("tests", "syncs", "split", "checkpointing", "lrp", "engine", "1b")
+STAGES = ("syncs", "tests", "split", "checkpointing", "lrp", "engine", "1b")
 SHARE = {
     "tests": 150,
-    "syncs": 60,
+    "syncs": 100,
     "split": 20,
     "checkpointing": 90,
     "lrp": 60,
@@ -80,28 +95,26 @@ class Report:
         print(f"[{stage}] {json.dumps(result, default=str)[:2000]}", flush=True)
 
 
-def run_tests(device: str, quick: bool) -> dict:
+def run_tests(device: str, quick: bool, out: Path) -> dict:
+    """``pytest -k cuda`` on the files that parametrise over ``cuda``; the whole output is
+    saved as ``DIR/pytest_cuda.txt``."""
     if device != "cuda":
         return {"skipped": "needs CUDA"}
     files = ["tests/test_relevance.py", "tests/test_engine.py", "tests/test_metrics.py"]
     command = [sys.executable, "-m", "pytest", *files, "-k", "cuda", "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=SHARE["tests"] - 10
-    )
-    tail = (done.stdout + done.stderr)[-3000:]
+    log = out / "pytest_cuda.txt"
+    with log.open("w") as handle:
+        try:
+            done = subprocess.run(
+                command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                timeout=SHARE["tests"] - 10,
+            )  # fmt: skip
+            returncode: int | str = done.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "timed out"
+    tail = log.read_text()[-3000:]
     summary = [line for line in tail.splitlines() if "passed" in line or "failed" in line]
-    return {"returncode": done.returncode, "summary": summary[-1:] or tail[-500:], "tail": tail}
-
-
-def _bert(device: str):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=128,
-    )  # fmt: skip
-    return BertForSequenceClassification(config).eval().to(device)
+    return {"returncode": returncode, "summary": summary[-1:] or tail[-500:], "log": log.name}
 
 
 def _llama(device: str, dtype: torch.dtype, layers: int = 4, checkpointing: bool = False):
@@ -115,72 +128,158 @@ def _llama(device: str, dtype: torch.dtype, layers: int = 4, checkpointing: bool
     return LlamaForCausalLM(config).eval().to(device, dtype)
 
 
-def _sync_sites(run: Callable[[], object], device: str) -> dict:
-    """The synchronising operations of ``run()``, by Python site (CUDA's sync debug mode)."""
-    run()  # warm-up: lazy initialisation syncs are not the method's (on a CPU: a smoke test)
-    if device != "cuda":
-        return {"skipped": "needs CUDA (ran once on the CPU)"}
+QUICK = (
+    "CheferRelevance/bert-2",
+    "AttnLRP/bert-2",
+    "CheferEncoderDecoder/bart",
+    "perturbation_curve/text_metric",
+    "pointing_game/localization",
+)
+"""The runs of ``--quick``: one of each kind."""
+
+BF16 = ("CheferRelevance/llama", "AttentionRollout/llama", "AttnLRP/llama", "CPLRP/llama")
+"""The runs repeated with the model and its float inputs in bfloat16."""
+
+
+def _to(value: Any, device: str, dtype: torch.dtype) -> Any:
+    """Tensors (in tuples, lists, dicts) on ``device``, floating ones in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(item, device, dtype) for item in value)
+    if isinstance(value, dict):
+        return {key: _to(item, device, dtype) for key, item in value.items()}
+    return value
+
+
+def _frames(stack: list[traceback.FrameSummary]) -> tuple[traceback.FrameSummary, ...]:
+    here = os.path.abspath(__file__)
+    return tuple(
+        frame
+        for frame in stack
+        if os.path.abspath(frame.filename) != here and not frame.filename.endswith("warnings.py")
+    )
+
+
+def _warned_syncs(run: Callable[[], object]) -> list[Any]:
+    """The synchronising operations of ``run()`` as CUDA's sync debug mode warns of them, each
+    as a ``device_sim.Event`` with the Python stack at the warning."""
+    from device_sim import Event
+
+    events: list[Any] = []
+
+    def keep(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            stack = _frames(traceback.extract_stack())
+            events.append(Event("cuda_sync", str(message).split("\n")[0][:80], stack))
+
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = keep
         torch.cuda.set_sync_debug_mode("warn")
         try:
             run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites = [
-        f"{Path(w.filename).name}:{w.lineno}"
-        for w in caught
-        if "synchroniz" in str(w.message).lower()
-    ]
-    ours = [site for site in sites if _is_ours(site)]
-    return {"syncs": len(sites), "ours": len(ours), "sites": sites}
+    torch.cuda.synchronize()
+    return events
 
 
-_OURS = {path.name for path in (ROOT / "captum_chefer").rglob("*.py") if path.name != "__init__.py"}
+def _first_raise(run: Callable[[], object]) -> dict:
+    """``run()`` under ``set_sync_debug_mode("error")``: whether it raised, and where."""
+    from device_sim import Event
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    except RuntimeError as error:
+        if "synchroniz" not in str(error).lower():
+            raise
+        event = Event("cuda_sync", "error", _frames(traceback.extract_tb(error.__traceback__)))
+        owner = "package" if event.by_package else "model"
+        return {"raised": True, "where": event.site, "by": owner, "at": list(event.where)}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return {"raised": False}
 
 
-def _is_ours(site: str) -> bool:
-    return site.split(":")[0] in _OURS
+def _one_sync_check(label: str, budget_name: str, make: Callable[[], Any], device: str,
+                    dtype: torch.dtype) -> dict:  # fmt: skip
+    """One run: the simulated count (CPU), then on CUDA the warned syncs and the first raise."""
+    import test_host_syncs as suite
+
+    simulated, _ = suite.run_on_device(make())
+    budget = suite.BUDGETS[budget_name]
+    entry: dict = {
+        "budget": budget.limit,
+        "simulated package syncs": len(simulated.package_syncs),
+        "simulated model syncs": len(simulated.syncs) - len(simulated.package_syncs),
+        "simulated mixes": len(simulated.mixes),
+    }
+    run = make()
+    if run.model is not None:
+        run.model.to(device, dtype)
+    tensors = _to(run.tensors, device, dtype)
+    run.call(tensors)  # warm-up: lazy initialisation is not the method's (on a CPU: a smoke run)
+    if device != "cuda":
+        entry["cuda"] = "skipped: needs CUDA (ran once on the CPU)"
+        return entry
+    events = _warned_syncs(lambda: run.call(tensors))
+    ours = [event for event in events if event.by_package]
+    unlisted = [event.site for event in ours if event.where not in budget.sites]
+    entry.update(
+        {
+            "cuda package syncs": len(ours),
+            "cuda model syncs": len(events) - len(ours),
+            "package sites": [event.site for event in ours],
+            "model sites": sorted({event.site for event in events if not event.by_package}),
+            "unlisted package sites": unlisted,
+            "error mode": _first_raise(lambda: run.call(tensors)),
+        }
+    )
+    entry["ok"] = not unlisted and len(ours) <= budget.limit
+    return entry
 
 
 def run_syncs(device: str, quick: bool) -> dict:
-    from captum_chefer import (
-        CPLRP,
-        AttentionGradCAM,
-        AttentionRollout,
-        AttnLRP,
-        CheferRelevance,
-        GradientRollout,
-        RawAttention,
-    )
-    from captum_chefer import metrics as M
+    """Every run of ``tests/test_host_syncs.py`` (each class on its models, every metric) on
+    the device, under CUDA's sync debug mode, beside the simulated count; a few in bfloat16."""
+    import test_host_syncs as suite
 
+    runs = suite.all_runs()
+    labels = list(runs)
+    if quick:  # a smoke run: one of each kind
+        labels = [label for label in labels if label in QUICK]
+    planned = [(label, torch.float32) for label in labels]
+    planned += [(label, torch.bfloat16) for label in (BF16[:1] if quick else BF16)]
+    deadline = time.perf_counter() + SHARE["syncs"] - 5
     results: dict = {}
-    bert = _bert(device)
-    ids = torch.randint(5, 100, (2, 64), device=device)
-    mask = torch.ones(2, 64, dtype=torch.long, device=device)
-    mask[1, 40:] = 0
-    classes = (CheferRelevance, RawAttention, AttentionRollout, AttentionGradCAM,
-               GradientRollout, AttnLRP, CPLRP)  # fmt: skip
-    for method in classes:
-        explainer = method(lambda i, m: bert(i, attention_mask=m).logits, bert)
-        run = lambda e=explainer: e.attribute(ids, 1, (mask,))  # noqa: E731
-        results[f"bert fp32 {method.__name__}"] = _sync_sites(run, device)
-    llama = _llama(device, torch.bfloat16)
-    tokens = torch.randint(3, 32000, (1, 512), device=device)
-    for method in (CheferRelevance, AttnLRP):
-        explainer = method(lambda i: llama(i).logits[:, -1], llama)
-        run = lambda e=explainer: e.attribute(tokens, 42)  # noqa: E731
-        results[f"llama bf16 {method.__name__}"] = _sync_sites(run, device)
-    maps = CheferRelevance(lambda i, m: bert(i, attention_mask=m).logits, bert).attribute(
-        ids, 1, (mask,)
-    )
-    forward = lambda i, m: bert(i, attention_mask=m).logits  # noqa: E731
-    results["comprehensiveness"] = _sync_sites(
-        lambda: M.comprehensiveness(forward, ids, maps, target=1, attention_mask=mask,
-                                    additional_forward_args=(mask,)), device,
-    )  # fmt: skip
+    for label, dtype in planned:
+        name = label if dtype == torch.float32 else f"{label} bf16"
+        if time.perf_counter() > deadline:
+            results[name] = {"skipped": "the stage's time ran out"}
+            continue
+        budget_name, make = runs[label]
+        try:
+            results[name] = _one_sync_check(label, budget_name, make, device, dtype)
+        except Exception as error:  # noqa: BLE001 - one run's failure must not stop the rest
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:1000]}
+    checked = [entry for entry in results.values() if "ok" in entry]
+    results["summary"] = {
+        "runs": len(planned),
+        "on cuda": len(checked),
+        "within budget": sum(entry["ok"] for entry in checked),
+        "errors": [label for label, entry in results.items() if "error" in entry],
+        "cuda != simulated": [
+            label
+            for label, entry in results.items()
+            if "cuda package syncs" in entry
+            and entry["cuda package syncs"] != entry["simulated package syncs"]
+        ],
+    }
     return results
 
 
@@ -326,7 +425,11 @@ def run_lrp(device: str, quick: bool) -> dict:
     return found
 
 
-def run_engine(device: str, quick: bool, config: str = "tiny") -> dict:
+def run_engine(device: str, quick: bool, out: Path, config: str = "tiny") -> dict:
+    """``benchmarks/engine.py --device cuda`` on the Llama-style decoder (row, input-grad,
+    forward); its results (``benchmarks/results/engine_cuda*_gpu.json``) are copied to ``DIR``,
+    and its log (with its tables) is kept there, so a run cut short keeps the cases it
+    finished."""
     if device != "cuda":
         return {"skipped": "needs CUDA"}
     sizes = ["32768"] if config == "1b" else ["16384", "32768"]
@@ -337,20 +440,35 @@ def run_engine(device: str, quick: bool, config: str = "tiny") -> dict:
         "--tag", "gpu",
     ]  # fmt: skip
     share = SHARE["1b" if config == "1b" else "engine"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=share - 5)
-    tail = (done.stdout + done.stderr)[-4000:]
-    table = [line for line in tail.splitlines() if line.startswith("|")]
-    return {"returncode": done.returncode, "table": table or tail[-1500:]}
+    log = out / f"engine_{config}.log"
+    with log.open("w") as handle:
+        try:
+            done = subprocess.run(
+                command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=share - 5
+            )
+            returncode: int | str = done.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "timed out (the finished cases are in the log)"
+    stem = "engine_cuda" + ("_1b" if config == "1b" else "") + "_gpu"
+    copied = []
+    for suffix in (".json",):  # its tables are in the log (a lent machine returns 8 files)
+        source = ROOT / "benchmarks" / "results" / f"{stem}{suffix}"
+        if source.exists() and source.parent.resolve() != out.resolve():
+            shutil.copy(source, out / source.name)
+            copied.append(source.name)
+    text = log.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    return {"returncode": returncode, "table": table or text[-1500:], "files": copied}
 
 
-RUNS = {
+RUNS: dict[str, Callable[[str, bool, Path], dict]] = {
     "tests": run_tests,
-    "syncs": run_syncs,
-    "split": run_split,
-    "checkpointing": run_checkpointing,
-    "lrp": run_lrp,
+    "syncs": lambda device, quick, out: run_syncs(device, quick),
+    "split": lambda device, quick, out: run_split(device, quick),
+    "checkpointing": lambda device, quick, out: run_checkpointing(device, quick),
+    "lrp": lambda device, quick, out: run_lrp(device, quick),
     "engine": run_engine,
-    "1b": lambda device, quick: run_engine(device, quick, "1b"),
+    "1b": lambda device, quick, out: run_engine(device, quick, out, "1b"),
 }
 
 
@@ -372,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         began = time.perf_counter()
         try:
-            result = RUNS[stage](args.device, args.quick)
+            result = RUNS[stage](args.device, args.quick, args.out)
         except Exception as error:  # noqa: BLE001 - one stage's failure must not stop the rest
             result = {"error": f"{type(error).__name__}: {error}"[:2000]}
         if isinstance(result, dict):

@@ -247,6 +247,57 @@ def test_feature_mask_groups_ranked_by_summed_attribution_with_ties_to_lower_id(
     assert curve.tolist() == [[10.0, 6.0, 2.0]]
 
 
+@pytest.mark.parametrize("most_relevant_first", [True, False])
+def test_feature_groups_rank_as_a_plain_reference_with_padding_and_any_ids(most_relevant_first):
+    """Groups with any ids (negative, large, absent from some examples, shared across the
+    tensors of a tuple, per example or broadcast) rank as a loop over each example's groups
+    says: by summed attribution of their real elements, ties to the lower id, groups with no
+    real element never counted."""
+    from captum_chefer.metrics._features import rank_features
+
+    generator = torch.Generator().manual_seed(12)
+    inputs = (torch.zeros(3, 5), torch.zeros(3, 5, 4))
+    attributions = (
+        torch.randint(-2, 3, (3, 5), generator=generator).float(),  # integers: many ties
+        torch.randint(-2, 3, (3, 5, 4), generator=generator).float(),
+    )
+    ids = torch.tensor([-3, 0, 2, 6, 1000])
+    masks = (
+        ids[torch.randint(0, 5, (3, 5), generator=generator)],
+        ids[torch.randint(0, 5, (1, 5, 4), generator=generator)],
+    )
+    attention = torch.ones(3, 5, dtype=torch.long)
+    attention[1, 3:] = 0
+    attention[2, :1] = 0
+    ranking = rank_features(
+        inputs,
+        attributions,
+        feature_mask=masks,
+        attention_mask=attention,
+        most_relevant_first=most_relevant_first,
+    )
+    for example in range(3):
+        sums: dict[int, float] = {}
+        groups = []  # (group, real) for each element, in flat order across the tuple
+        for mask, attribution, x in zip(masks, attributions, inputs):
+            full_mask = torch.broadcast_to(mask, x.shape)[example].flatten().tolist()
+            values = attribution[example].flatten().tolist()
+            real = torch.broadcast_to(
+                attention[example].view(5, *(1,) * (x.dim() - 2)), x.shape[1:]
+            )
+            for group, value, is_real in zip(full_mask, values, real.flatten().tolist()):
+                groups.append((group, is_real))
+                if is_real:
+                    sums[group] = sums.get(group, 0.0) + value
+        sign = -1 if most_relevant_first else 1
+        order = sorted(sums, key=lambda group: (sign * sums[group], group))
+        expected = [order.index(group) for group, is_real in groups if is_real]
+        flat_ranks = torch.cat([rank[example].flatten() for rank in ranking.ranks])
+        real_flat = torch.tensor([bool(is_real) for _, is_real in groups])
+        assert flat_ranks[real_flat].tolist() == expected
+        assert int(ranking.n_features[example]) == len(sums)
+
+
 def test_tuple_inputs_rank_jointly_and_share_feature_ids():
     def model(a, b):
         return (a * torch.tensor([1.0, 10.0])).sum(1, keepdim=True) + (
@@ -495,6 +546,24 @@ def test_deletion_and_insertion_auc_are_normalised_by_the_grid_width():
         [0.7, 0.7]
     )
     assert insertion_auc(torch.tensor([0.0, 1.0]), (0.0, 0.5)).item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.long])
+def test_areas_equal_torch_trapezoid_on_uneven_grids(dtype):
+    """The areas are summed with the grid's spacings as Python numbers (no upload of the
+    grid): the same as ``torch.trapezoid`` over the grid as a tensor."""
+    generator = torch.Generator().manual_seed(11)
+    fractions = (0.0, 0.05, 0.2, 0.45, 0.5, 0.9)
+    curve = (torch.rand(3, 2, 6, generator=generator, dtype=torch.float64) * 10).to(dtype)
+    values = curve if curve.is_floating_point() else curve.float()
+    grid = torch.tensor(fractions, dtype=values.dtype)
+    area = torch.trapezoid(values, grid, dim=-1)
+    torch.testing.assert_close(perturbation_auc(curve, fractions), area * 100)
+    torch.testing.assert_close(deletion_auc(curve, fractions), area / 0.9)
+    torch.testing.assert_close(
+        insertion_auc(curve, fractions, reduction="mean"), (area / 0.9).mean()
+    )
+    assert perturbation_auc(curve, fractions).dtype == values.dtype
 
 
 # --------------------------------------------------------------------------------------------

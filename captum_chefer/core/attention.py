@@ -168,26 +168,37 @@ def mask_scores(
 def may_have_empty_rows(call: AttentionCall) -> bool:
     """Whether some query row may be masked at every key (its softmax is then NaN, read as 0).
 
-    Reads the device (one host sync) for a mask; :func:`empty_rows_flag` does not.
+    :func:`empty_rows_flag` as a Python bool: it reads the mask only on the CPU, where a read
+    costs nothing; elsewhere a masked call is answered True without a host sync.
     """
     return bool(empty_rows_flag(call))
 
 
 def empty_rows_flag(call: AttentionCall) -> Tensor | bool:
-    """:func:`may_have_empty_rows` without reading the device: a bool where the answer needs no
-    data (no mask, or a causal mask on top of one), else a 0-dim bool tensor on the mask's
-    device, for the caller to read with others in one synchronisation.
+    """Whether a query row may be masked at every key, with no host sync on an accelerator.
+
+    A fully masked row's softmax is NaN, which the block loop reads as 0 with one elementwise
+    pass (``nan_to_num_``, the identity on every other row, so the result is the same bit for
+    bit whichever answer is given). Without a mask no row is empty (a top-left causal row always
+    sees key 0): False. A causal call with a mask: True. Otherwise the answer is in the mask's
+    data. On the CPU, where reading a value costs nothing, it is a 0-dim bool tensor, exact, so
+    that calls without such a row skip the pass (about a tenth of the block loop's time for a
+    padded bidirectional call). On any other device it is True: reading the mask would stall
+    the stream once per call (a host synchronisation), while the pass is one cheap kernel per
+    block.
 
     Example:
         >>> q = torch.zeros(1, 1, 2, 4)
         >>> mask = torch.tensor([[True, False], [False, False]])
         >>> empty_rows_flag(AttentionCall(q, q, q, mask, False, 0.5))
         tensor(True)
+        >>> empty_rows_flag(AttentionCall(q.to("meta"), q, q, mask.to("meta"), False, 0.5))
+        True
     """
     mask = call.mask
     if mask is None:
         return False
-    if call.is_causal:
+    if call.is_causal or mask.device.type != "cpu":
         return True
     if mask.dtype == torch.bool:
         return ~mask.any(-1).all()
@@ -231,7 +242,8 @@ def attention_backward(
         need_input_grads: when False only the consumer runs; the returned grads are None.
         key_prefix_blocks: the consumer accepts blocks narrower than ``Nk`` (leading keys).
         maybe_empty_rows: whether a query row may be masked at every key, when the caller
-            has read it already (:func:`empty_rows_flag`); None reads it here (a host sync).
+            has read it already (:func:`empty_rows_flag`); None decides it here
+            (:func:`may_have_empty_rows`: no host sync off the CPU).
 
     Returns:
         ``(dQ, dK, dV, dmask)`` in the inputs' dtypes; ``dmask`` only for a float mask that

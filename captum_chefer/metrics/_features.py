@@ -227,12 +227,23 @@ def _grouped_features(
     feature_mask: TensorOrTuple,
     real_flat: Tensor,
 ) -> tuple[Tensor, Tensor]:
+    """Each element's group as a slot ``(B, M)`` and each slot's summed attribution ``(B, M)``.
+
+    A row's groups take the slots ``0, 1, ...`` in the order of their ids (so ties between
+    groups go to the lower id), found by sorting the row's ids: unlike ``torch.unique``, whose
+    output size the host must read from the device, every size here is known beforehand. A row
+    has at most ``M`` groups; the slots it does not use hold no element, so they are never
+    valid and rank last.
+    """
     masks = _format_feature_mask(feature_mask, inputs)
-    group_ids, ids = torch.unique(_flatten(masks), return_inverse=True)
+    flat_ids = _flatten(masks)
+    sorted_ids, order = torch.sort(flat_ids, dim=1, stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.long)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    ids = torch.empty_like(order).scatter_(1, order, starts.cumsum(1) - 1)
     full = tuple(torch.broadcast_to(a, x.shape) for a, x in zip(attributions, inputs, strict=True))
     values = _float(_flatten(full)) * real_flat
-    scores = values.new_zeros(values.shape[0], group_ids.numel())
-    return ids, scores.scatter_add_(1, ids, values)
+    return ids, torch.zeros_like(values).scatter_add_(1, ids, values)
 
 
 def _format_feature_mask(
