@@ -330,3 +330,11 @@ def test_the_readmes_python_call_with_the_shipped_minilm(tmp_path, monkeypatch):
     assert summary.computed == [0] and [e.label for e in results] == [1, 0]
     assert results[0].attributions["CheferRelevance"].shape == results[0].input_ids.shape
     assert "Classes: 0 negative, 1 positive." in Path("runs/minilm/report.md").read_text()
+
+
+def test_a_model_that_fails_on_the_data_is_named_before_writing(tmp_path):
+    images = torch.rand(4, 3, 8, 8)
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 2))  # wants 5 features
+    with pytest.raises(ValueError, match="The model failed on example 0, tried before anything"):
+        run_job(wrong, images, ["Saliency"], tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()

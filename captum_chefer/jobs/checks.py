@@ -43,7 +43,16 @@ def rehearse(
     """
     _, batch = next(iter(source.batches({0})))
     one = batch.take(1).to(model_device(model))
-    logits = logits_for(model, one)
+    try:
+        logits = logits_for(model, one)
+    except ValueError:
+        raise
+    except Exception as error:
+        raise ValueError(
+            f"The model failed on example {one.start}, tried before anything is written: "
+            f"{type(error).__name__}: {error}. It is called as model(ids, attention_mask) for "
+            "text, model(images) for images."
+        ) from error
     _, target = classes(logits, one, options["target"])
     num_classes = logits.shape[-1]
     labels = _all_labels(source)
