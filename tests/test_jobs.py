@@ -13,7 +13,14 @@ from models import bert
 from safetensors.torch import load_file
 
 from captum_chefer import AttentionRollout, CheferRelevance
-from captum_chefer.jobs import JobResults, JobSettings, Method, TensorSource, run_job
+from captum_chefer.jobs import (
+    IncompleteResultsWarning,
+    JobResults,
+    JobSettings,
+    Method,
+    TensorSource,
+    run_job,
+)
 from captum_chefer.jobs import store as job_store
 from captum_chefer.metrics import (
     comprehensiveness,
@@ -131,7 +138,9 @@ def test_interrupted_shard_is_redone_and_only_it(model, clean_run, tmp_path, mon
         run_job(model, token_data(), methods, tmp_path, settings=settings, show_progress=False)
     assert "shard-00000.safetensors" in writes
     assert not (tmp_path / "shard-00001.safetensors").exists()
-    assert not JobResults(tmp_path).complete and len(JobResults(tmp_path)) == 4
+    with pytest.warns(IncompleteResultsWarning, match="shard 1 .*not computed yet"):
+        partial = JobResults(tmp_path)
+    assert not partial.complete and len(partial) == 4
     kept = (tmp_path / "shard-00000.safetensors").stat()
     monkeypatch.setattr(job_store, "write_atomic", original)
     resumed = run_job(
@@ -152,9 +161,11 @@ def test_corrupted_shard_fails_its_checksum_and_is_redone(model, clean_run, tmp_
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert len(JobResults(tmp_path)) == 8  # the damaged shard does not count
+    with pytest.warns(IncompleteResultsWarning, match="shard-00002.safetensors fails its checksum"):
+        assert len(JobResults(tmp_path)) == 8  # the damaged shard does not count
     again = run_job(model, token_data(), methods, tmp_path, settings=settings, show_progress=False)
     assert again.computed == [2] and again.skipped == [0, 1]
+    assert again.redone == {2: "shard-00002.safetensors fails its checksum"}
     assert_same_results(tmp_path, clean_run[0])
 
 
@@ -297,7 +308,7 @@ def test_bad_inputs_get_clear_errors(model, clean_run, tmp_path):
     loader = torch.utils.data.DataLoader(torch.rand(4, 3, 8, 8), batch_size=2, shuffle=True)
     with pytest.raises(ValueError, match="shuffle=False"):
         run_job(tiny_image_model(), loader, ["Saliency"], tmp_path / "d", **quiet)
-    with pytest.raises(ValueError, match="expects \\(4, 9\\)"):
+    with pytest.raises(ValueError, match="before anything is written.*expects \\(1, 9\\)"):
         run_job(model, data, [lambda ids, t, extra: torch.zeros(4, 3)], tmp_path / "e", **quiet)
     with pytest.raises(ValueError, match="needs labels in the data"):
         run_job(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-from collections.abc import Callable, Mapping
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,12 +117,145 @@ def bind(
     if isinstance(attribution, str):
         attribution = _resolve(attribution, kind)
     if _is_ours(attribution):
-        return _ours(attribution(model), kind, _our_options(attribution, defaults, method.options))
+        options = _our_options(attribution, defaults, method.options)
+        check_options(method.label, attribution.attribute, options, JOB_SETS | {"output"})
+        return _ours(attribution(model), kind, options)
     if inspect.isclass(attribution):
-        return _captum(attribution, model, kind, dict(method.options), pad_id)
+        return _captum(attribution, model, kind, method, pad_id)
     if callable(attribution):
+        check_options(method.label, attribution, method.options, JOB_SETS, positional=3)
         return _callable(attribution, kind, dict(method.options))
     raise TypeError(f"A method must be a name, a class or a callable, got {attribution!r}.")
+
+
+#: The arguments the job passes itself, per batch.
+JOB_SETS = frozenset({"inputs", "target", "additional_forward_args"})
+
+
+def check_names(methods: list[Method]) -> None:
+    """Raise for a method name that is neither ours nor Captum's (before anything is built).
+
+    Example:
+        >>> check_names([Method("CheferRelevanse")])
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown method 'CheferRelevanse': ... Did you mean 'CheferRelevance'? ...
+    """
+    for method in methods:
+        if isinstance(method.attribution, str):
+            _known(method.attribution)
+
+
+def _known(name: str) -> None:
+    import difflib
+
+    ours, captum = _our_names(), dir(importlib.import_module("captum.attr"))
+    if name in ours or (name in captum and name[:1].isupper()):
+        return
+    close = difflib.get_close_matches(name, ours + [n for n in captum if n[:1].isupper()], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"Unknown method {name!r}: not in captum_chefer.attr ({', '.join(ours)}) nor in "
+        f"captum.attr.{hint} Check the spelling, or pass the class or a callable."
+    )
+
+
+def check_options(
+    label: str,
+    function: Callable[..., Any],
+    options: Mapping[str, Any],
+    job_sets: Collection[str],
+    positional: int = 0,
+) -> None:
+    """Raise when an option is one the job sets, is no parameter of ``function``, or has a
+    type or value its annotation rules out (checked where the annotation is plain: ``int``,
+    ``float``, ``bool``, ``str``, ``None``, a ``Literal``, or a union of these).
+
+    Args:
+        label: the method's name, for the message.
+        function: its ``attribute`` method (or the callable).
+        options: the keyword options.
+        job_sets: the arguments the job passes itself.
+        positional: leading parameters the job passes by position (callables).
+
+    Example:
+        >>> from captum.attr import IntegratedGradients
+        >>> check_options("IG", IntegratedGradients.attribute, {"n_steps": "abc"}, JOB_SETS)
+        Traceback (most recent call last):
+        ...
+        ValueError: IG: option n_steps='abc' must be an int (its default is 50); write it ...
+    """
+    try:
+        parameters = dict(inspect.signature(function).parameters)
+    except (TypeError, ValueError):  # no signature to check against
+        return
+    taken = set(list(parameters)[1 if "self" in parameters else 0 :][:positional])
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    hints = _hints(function)
+    for key, value in options.items():
+        if key in job_sets or key in taken:
+            raise ValueError(f"{label}: the job passes {key!r} itself; remove it from the options.")
+        if key not in parameters:
+            if any_keyword:
+                continue
+            accepted = [n for n in parameters if n != "self" and n not in {*job_sets, *taken}]
+            raise ValueError(
+                f"{label} has no option {key!r}; its options are {accepted}. Check the spelling."
+            )
+        _check_value(label, key, value, hints.get(key), parameters[key].default)
+
+
+def _hints(function: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(function)
+    except Exception:  # unresolvable annotations: nothing is checked
+        return {}
+
+
+def _check_value(label: str, key: str, value: Any, hint: Any, default: Any) -> None:
+    allowed = _plain(hint)
+    if allowed is None or _fits(value, allowed):
+        return
+    kinds = " or ".join(
+        repr(a) if not isinstance(a, type) else _TYPE_NAMES.get(a, a.__name__) for a in allowed
+    )
+    shown = "" if default is inspect.Parameter.empty else f" (its default is {default!r})"
+    raise ValueError(
+        f"{label}: option {key}={value!r} must be {kinds}{shown}; write it as a Python literal, "
+        f"e.g. {key}={default!r}."
+    )
+
+
+_TYPE_NAMES = {int: "an int", float: "a number", bool: "True or False", str: "a string"}
+
+
+def _plain(hint: Any) -> list[Any] | None:
+    """The types and literal values a plain annotation allows, or None (not checked)."""
+    if hint is None or hint is type(None):
+        return [type(None)]
+    if hint in (int, float, bool, str):
+        return [hint]
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return list(typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        parts = [_plain(arg) for arg in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else [a for p in parts for a in p]  # type: ignore[union-attr]
+    return None
+
+
+def _fits(value: Any, allowed: list[Any]) -> bool:
+    return any(_fits_one(value, kind) for kind in allowed)
+
+
+def _fits_one(value: Any, kind: Any) -> bool:
+    if not isinstance(kind, type):  # a Literal's value
+        return type(value) is type(kind) and value == kind
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def _resolve(name: str, kind: str) -> type:
@@ -202,12 +337,12 @@ def logits_of(output: Any) -> Tensor:
     raise TypeError(f"The model returned {type(output).__name__}; it must return logits (B, C).")
 
 
-def _captum(
-    cls: type, model: nn.Module, kind: str, options: dict[str, Any], pad_id: int
-) -> Explainer:
+def _captum(cls: type, model: nn.Module, kind: str, method: Method, pad_id: int) -> Explainer:
     wrapped = LogitsOf(model)
     layer_method = cls.__name__.startswith("Layer")
     instance = cls(wrapped, input_embeddings(model)) if layer_method else cls(wrapped)
+    options = dict(method.options)
+    check_options(method.label, instance.attribute, options, JOB_SETS)
     takes_baselines = "baselines" in inspect.signature(instance.attribute).parameters
 
     def explain(batch: Batch, target: Tensor) -> Tensor:

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 #: The class descriptions of the ready MiniLM classifier (label 0, label 1).
 SENTIMENT_PROMPTS = ("This is terrible and disappointing.", "This is wonderful and delightful.")
+#: Their names (labels in the data may be written as these).
+SENTIMENT_CLASSES = ("negative", "positive")
 
 
 @dataclass
@@ -24,12 +26,20 @@ class JobModel:
         method_defaults: options our attention methods need for this model (e.g.
             ``{"token_index": "mean"}`` for a mean-pooled model).
         name: recorded in the job's index.
+        class_names: the classes' names in class-id order (labels in the data may be written
+            as these names; the report names the classes), or None.
+
+    Example:
+        >>> from torch import nn
+        >>> JobModel(nn.Linear(4, 2), class_names=("no", "yes")).class_names
+        ('no', 'yes')
     """
 
     model: nn.Module
     tokenizer: Any = None
     method_defaults: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    class_names: Sequence[str] | None = None
 
 
 class PrototypeClassifier(nn.Module):
@@ -59,11 +69,20 @@ class PrototypeClassifier(nn.Module):
         return self.scale * self.embed(input_ids, attention_mask) @ self.prototypes.T
 
 
-def minilm_sentiment(prompts: Sequence[str] = SENTIMENT_PROMPTS) -> JobModel:
+def minilm_sentiment(
+    prompts: Sequence[str] = SENTIMENT_PROMPTS, class_names: Sequence[str] | None = None
+) -> JobModel:
     """The shipped all-MiniLM-L6-v2 as a zero-shot classifier over ``prompts`` (one per class).
 
     Relevance is read with ``token_index="mean"``, since the embedding is a mean over tokens.
+
+    Args:
+        prompts: one description per class, in class-id order.
+        class_names: the classes' names (default: ``negative``, ``positive`` for the default
+            prompts, else none).
     """
+    if class_names is None and tuple(prompts) == SENTIMENT_PROMPTS:
+        class_names = SENTIMENT_CLASSES
     from ..pretrained import load_minilm
 
     encoder, tokenizer = load_minilm()
@@ -80,6 +99,7 @@ def minilm_sentiment(prompts: Sequence[str] = SENTIMENT_PROMPTS) -> JobModel:
         tokenizer,
         {"token_index": "mean"},
         "all-MiniLM-L6-v2 zero-shot sentiment",
+        class_names,
     )
 
 

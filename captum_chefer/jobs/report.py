@@ -1,10 +1,12 @@
-"""The job's report: one row per method of merged scores, and the mean curves as a PNG."""
+"""The job's report: what was explained, the model's accuracy against the data's labels, one
+row per method of merged scores, and the mean curves as a PNG (every file written atomically).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,15 +29,24 @@ COLUMNS = (
     ("ms_per_example", "ms / example", 1),
 )
 _POOLED = ("intersection_background", "intersection_object", "union_background", "union_object")
+#: Per curve: title (↓: a lower curve is better, ↑: a higher one), fractions, y label.
 CURVE_TITLES = {
-    "positive": ("positive perturbation (most relevant first)", CHEFER_FRACTIONS, "top-1 accuracy"),
-    "negative": (
-        "negative perturbation (least relevant first)",
+    "positive": (
+        "positive perturbation ↓\n(most relevant removed first)",
         CHEFER_FRACTIONS,
         "top-1 accuracy",
     ),
-    "deletion": ("deletion (RISE)", RISE_FRACTIONS, "probability"),
-    "insertion": ("insertion (RISE)", RISE_FRACTIONS, "probability"),
+    "negative": (
+        "negative perturbation ↑\n(least relevant removed first)",
+        CHEFER_FRACTIONS,
+        "top-1 accuracy",
+    ),
+    "deletion": ("deletion (RISE) ↓\n(most relevant removed first)", RISE_FRACTIONS, "probability"),
+    "insertion": (
+        "insertion (RISE) ↑\n(most relevant inserted first)",
+        RISE_FRACTIONS,
+        "probability",
+    ),
 }
 
 
@@ -79,16 +90,27 @@ def markdown_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def accuracy(results: JobResults) -> tuple[int, int] | None:
+    """``(correct, examples)`` of the model's predictions against the data's labels, or None
+    when the data has no labels."""
+    labels, predicted = results.column("label"), results.column("predicted")
+    if labels is None or predicted is None:
+        return None
+    return int((labels == predicted).sum()), len(labels)
+
+
 def write_report(results: JobResults, summary: dict[str, dict[str, float]], folder: Path) -> None:
     """Write ``report.md``, ``report.png`` (mean curves) and ``summary.json`` into ``folder``."""
-    index = results.index
     write_json(folder / "summary.json", summary)
-    has_plot = _plot_curves(results, folder / "report.png")
-    text = _markdown(index, summary, has_plot)
+    picture = _plot_curves(results)
+    if picture is not None:
+        write_atomic(folder / "report.png", picture)
+    text = _markdown(results, summary, picture is not None)
     write_atomic(folder / "report.md", text.encode())
 
 
-def _markdown(index: dict[str, Any], summary: dict[str, dict[str, float]], has_plot: bool) -> str:
+def _markdown(results: JobResults, summary: dict[str, dict[str, float]], has_plot: bool) -> str:
+    index = results.index
     data, model, settings = index["data"], index["model"], index["settings"]
     methods = ", ".join(
         f"`{m['name']}` ({m['attribution']}"
@@ -102,9 +124,12 @@ def _markdown(index: dict[str, Any], summary: dict[str, dict[str, float]], has_p
         f"Model `{model['name']}` ({model['parameters']:,} parameters, sha256 "
         f"`{model['sha256'][:12]}`), {data['examples']} {data['kind']} examples from "
         f"{data['source']}, captum_chefer {index['package']['version']}, torch "
-        f"{index['package']['torch']}, {index.get('threads')} thread(s) per rank. Explained "
-        f"class: {settings['target']}. Seed {settings['seed']}: a rerun gives the same scores "
-        "(timings vary).",
+        f"{index['package']['torch']}, {index.get('threads')} thread(s) per rank. Seed "
+        f"{settings['seed']}: a rerun gives the same scores (timings vary).",
+        "",
+        explained(settings["target"], index.get("classes")),
+        "",
+        predictions(results, index.get("classes")),
         "",
         f"Methods: {methods}.",
         "",
@@ -127,16 +152,65 @@ def _markdown(index: dict[str, Any], summary: dict[str, dict[str, float]], has_p
     return "\n".join(lines) + "\n"
 
 
-def _plot_curves(results: JobResults, path: Path) -> bool:
+def explained(target: str, classes: list[str] | None) -> str:
+    """Which class each example's explanation is for, in words.
+
+    Example:
+        >>> explained("predicted", ["negative", "positive"])[:60]
+        'Explained class (target): the class the model predicts for e'
+    """
+    named = (
+        " Classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(classes)) + "."
+        if classes
+        else ""
+    )
+    if target == "label":
+        return (
+            "Explained class (target): each example's label (`--target label`), whatever "
+            f"the model predicts.{named}"
+        )
+    return (
+        "Explained class (target): the class the model predicts for each example (its "
+        f"argmax, `--target predicted`), right or wrong.{named}"
+    )
+
+
+def predictions(results: JobResults, classes: list[str] | None) -> str:
+    """The model's accuracy against the data's labels and its predicted classes, in words."""
+    predicted = results.column("predicted")
+    counts = "" if predicted is None else _counts(predicted, classes)
+    scored = accuracy(results)
+    if scored is None:
+        return f"The data has no labels, so the model's accuracy is unknown.{counts}"
+    correct, total = scored
+    return (
+        f"Accuracy against the data's labels: {correct} of {total} predicted right "
+        f"({100 * correct / total:.1f} %).{counts}"
+    )
+
+
+def _counts(predicted: torch.Tensor, classes: list[str] | None) -> str:
+    values = torch.bincount(predicted.long()).tolist()
+    named = [
+        f"{classes[c] if classes and c < len(classes) else c} ({n})"
+        for c, n in enumerate(values)
+        if n
+    ]
+    return " Predicted classes (examples): " + ", ".join(named) + "."
+
+
+def _plot_curves(results: JobResults) -> bytes | None:
+    """The mean curves as PNG bytes (None without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     curves = results.table("curve")
-    figure, axes = plt.subplots(1, 4, figsize=(17, 3.8), layout="constrained")
+    examples = len(results)
+    figure, axes = plt.subplots(1, 4, figsize=(17, 4.3), layout="constrained")
     for axis, (name, (title, fractions, ylabel)) in zip(axes, CURVE_TITLES.items()):
         for method in results.methods:
             mean = curves[method][name].double().mean(0)
@@ -145,7 +219,15 @@ def _plot_curves(results: JobResults, path: Path) -> bool:
         axis.set_xlabel("% of features changed", fontsize=8)
         axis.set_ylabel(ylabel, fontsize=8)
         axis.grid(alpha=0.3)
+        axis.ticklabel_format(axis="y", useOffset=False)
     axes[0].legend(fontsize=7)
-    figure.savefig(path, dpi=90)
+    kind = "tokens" if results.index["data"]["kind"] == "text" else "pixels"
+    figure.suptitle(
+        f"Mean curves over {examples} examples ({kind} changed in relevance order): "
+        "↑ higher is better, ↓ lower is better",
+        fontsize=10,
+    )
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
-    return True
+    return buffer.getvalue()

@@ -1,30 +1,37 @@
 """Run attribution methods over a dataset: per-example results in shards, resumable, on ranks.
 
-One flow: the data is cut into batches and the batches into shards; each rank computes the
-shards it owns (:meth:`Ranks.owns`) that are not already done and verified, writing each one
-atomically; then rank 0 reads every shard, merges the metrics and writes the report. A batch
-is computed the same way on any rank (same examples, same padding, same seed, same number of
-threads), so per-example results do not depend on the number of ranks, bit for bit on CPU.
+One flow, in two halves. First everything is checked and nothing is written: the settings,
+the data (every row), the methods and their options, and the model, every method and the
+metrics on the first example (:mod:`.checks`). Then rank 0 claims the output folder
+(:mod:`.folder`), each rank computes the shards it owns (:meth:`Ranks.owns`) that are not
+already done and verified, writing each one atomically and bound to the job, and rank 0 reads
+every shard, merges the metrics and writes the report. A batch is computed the same way on any
+rank (same examples, same padding, same seed, same number of threads), so per-example results
+do not depend on the number of ranks, bit for bit on CPU.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .data import Batch, BatchSource, open_source
+from .checks import rehearse
+from .compute import compute_shard, model_device
+from .data import BatchSource, open_source
 from .distributed import Ranks, join
-from .methods import Explainer, LogitsOf, Method, as_method, bind, check_labels
-from .scores import batch_scores
-from .store import INDEX, JobResults, remove_partials, save_shard, verified_record, write_json
+from .folder import claim, shard_states
+from .identity import as_json, class_names, fingerprint, model_identity
+from .methods import Explainer, Method, as_method, bind, check_labels, check_names
+from .models import JobModel
+from .progress import LOG, Progress, progress_mode, shard_list
+from .store import FORMAT, INDEX, JobResults, ShardState, save_shard, write_json
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,12 @@ class JobSettings:
         max_examples_per_batch: perturbed copies per forward in the metrics.
         method_defaults: options our attention methods need for this model, e.g.
             ``{"token_index": "mean"}`` for a mean-pooled model (a method's options win).
+
+    Example:
+        >>> JobSettings(batches_per_shard=0).check()
+        Traceback (most recent call last):
+        ...
+        ValueError: batches_per_shard must be a positive int, got 0.
     """
 
     batches_per_shard: int = 4
@@ -52,14 +65,23 @@ class JobSettings:
 
     def check(self) -> None:
         """Raise ``ValueError`` on a bad setting, naming the fix."""
-        if not isinstance(self.batches_per_shard, int) or self.batches_per_shard < 1:
-            raise ValueError(
-                f"batches_per_shard must be a positive int, got {self.batches_per_shard!r}."
-            )
+        for name in ("batches_per_shard", "max_examples_per_batch"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}.")
+        if not _positive(self.seed + 1 if isinstance(self.seed, int) else None):
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}.")
         if self.target not in ("predicted", "label"):
             raise ValueError(f"target must be 'predicted' or 'label', got {self.target!r}.")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be None or >= 1, got {self.threads!r}.")
+        if self.threads is not None and not _positive(self.threads):
+            raise ValueError(f"threads must be None or a positive int, got {self.threads!r}.")
+        if not isinstance(self.method_defaults, Mapping):
+            raise ValueError(
+                f"method_defaults must be a mapping of options, got {self.method_defaults!r}."
+            )
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
@@ -71,6 +93,7 @@ class JobSummary:
         rank: this process's rank; world: the number of ranks.
         computed: the shards this rank computed; skipped: those it found done and verified.
         report: the merged scores ``{method: {metric: value}}`` (rank 0 only, else None).
+        redone: the shards of ``computed`` that were damaged, with the reason.
     """
 
     folder: Path
@@ -79,10 +102,11 @@ class JobSummary:
     computed: list[int]
     skipped: list[int]
     report: dict[str, dict[str, float]] | None = None
+    redone: dict[int, str] = field(default_factory=dict)
 
 
 def run_job(
-    model: nn.Module,
+    model: nn.Module | JobModel,
     data: Any,
     methods: Sequence[Method | str | type | Callable[..., Tensor]],
     out: str | Path,
@@ -92,36 +116,51 @@ def run_job(
     image_size: int = 224,
     settings: JobSettings | None = None,
     model_name: str | None = None,
+    label_names: Sequence[str] | None = None,
+    overwrite: bool = False,
     show_progress: bool | None = None,
+    log_every: float = 30.0,
     on_shard_done: Callable[[int], None] | None = None,
 ) -> JobSummary:
     """Explain and evaluate every example of ``data`` with each method; store, merge, report.
 
-    Rerunning the same job in the same folder skips the shards that are done and verified and
-    redoes the rest. Under ``torchrun --nproc_per_node=N`` each rank takes its share of the
-    shards; rank 0 writes ``report.md``, ``report.png`` and ``summary.json``.
+    Everything is checked before anything is written: the settings, every row of the data,
+    the methods and their options, and the model, each method and the metrics on the first
+    example. So a mistake leaves ``out`` as it was, and the corrected call runs there.
+    Rerunning the same job in the same folder skips the shards that are done and verified
+    (bound to this job by its fingerprint) and redoes the rest; a folder holding another job is
+    refused unless ``overwrite``. Under ``torchrun --nproc_per_node=N`` each rank takes its
+    share of the shards; rank 0 writes ``report.md``, ``report.png`` and ``summary.json``.
 
     Args:
         model: returns ``(B, C)`` logits (or an output with ``.logits``): ``model(ids, mask)``
             for text, ``model(images)`` for images. It is not modified (put it in eval mode).
+            A :class:`~captum_chefer.jobs.JobModel` (e.g. ``minilm_sentiment()``) brings its
+            tokenizer, method defaults, name and class names.
         data: see :func:`~captum_chefer.jobs.data.open_source`: a DataLoader, texts, a tensor,
             a ``.jsonl``/``.csv`` file, a saved HF dataset or an image folder.
         methods: names (``"CheferRelevance"``, ``"IntegratedGradients"``), classes, callables
             or :class:`Method` objects with options.
         out: the output folder (created).
-        tokenizer: for texts.
+        tokenizer: for texts (default: the JobModel's).
         batch_size: examples per batch.
         image_size: the side image files are resized to.
         settings: :class:`JobSettings` (default: its defaults).
-        model_name: recorded in the index (default: the model's class).
-        show_progress: a tqdm bar with examples per second (None: on a terminal only).
+        model_name: recorded in the index (default: the JobModel's name, or the model's class).
+        label_names: the class names in class-id order, to read labels written as names
+            (default: the JobModel's ``class_names``, or the model config's ``id2label``).
+        overwrite: delete the job files (index, shards, report) ``out`` holds and start over.
+        show_progress: a tqdm bar (True), nothing (False), or (None) the bar on a terminal and
+            log lines on the ``captum_chefer.jobs`` logger otherwise.
+        log_every: seconds between progress lines without a terminal.
         on_shard_done: called with each shard's number once it is written.
 
     Returns:
         :class:`JobSummary`.
 
     Raises:
-        ValueError: for bad settings, unknown methods, or a folder holding a different job.
+        ValueError: for bad settings, data, methods or options, a method failing on the first
+            example, or a folder holding a different job; nothing is written then.
 
     Example:
         >>> import tempfile, torch
@@ -145,20 +184,83 @@ def run_job(
     """
     settings = settings or JobSettings()
     settings.check()
-    source = open_source(data, tokenizer=tokenizer, batch_size=batch_size, image_size=image_size)
+    built = _job_model(model, tokenizer, model_name, settings)
+    names = class_names(built.model, label_names or built.class_names)
+    source = open_source(
+        data,
+        tokenizer=built.tokenizer,
+        batch_size=batch_size,
+        image_size=image_size,
+        label_names=names,
+    )
     chosen = [as_method(m) for m in methods]
     check_labels(chosen)
-    folder = Path(out)
-    ranks = join(_device(model))
-    threads = torch.get_num_threads()
+    check_names(chosen)
+    device = model_device(built.model)
+    with _threads(settings.threads), torch.random.fork_rng(devices=_cuda_indices(device)):
+        job = _Job(
+            built.model,
+            source,
+            chosen,
+            Path(out),
+            replace(settings, method_defaults=built.method_defaults),
+        )
+        explainers = job.explainers()
+        rehearse(job.model, job.source, explainers, job.options)
+        index = _index(job, built.name, names)
+        ranks = join(device)
+        try:
+            claim(job.folder, index, ranks, overwrite)
+            return _run(
+                job,
+                index,
+                explainers,
+                ranks,
+                progress_mode(show_progress),
+                log_every,
+                on_shard_done,
+            )
+        finally:
+            ranks.close()
+
+
+def _job_model(
+    model: nn.Module | JobModel, tokenizer: Any, name: str | None, settings: JobSettings
+) -> JobModel:
+    """The model with what it brings, the caller's arguments winning."""
+    if not isinstance(model, (nn.Module, JobModel)):
+        raise TypeError(
+            f"run_job needs an nn.Module or a JobModel (e.g. minilm_sentiment()), got "
+            f"{type(model).__name__}."
+        )
+    built = model if isinstance(model, JobModel) else JobModel(model)
+    if not isinstance(built.model, nn.Module):
+        raise TypeError(f"JobModel.model must be an nn.Module, got {type(built.model).__name__}.")
+    return JobModel(
+        built.model,
+        built.tokenizer if tokenizer is None else tokenizer,
+        {**built.method_defaults, **settings.method_defaults},
+        name or built.name,
+        built.class_names,
+    )
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
     try:
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
-        job = _Job(model, source, chosen, folder, settings, ranks)
-        return _run(job, model_name, show_progress, on_shard_done)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
     finally:
-        torch.set_num_threads(threads)
-        ranks.close()
+        torch.set_num_threads(before)
+
+
+def _cuda_indices(device: torch.device) -> list[int]:
+    """The CUDA devices whose random state the job may change (restored after it)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 @dataclass
@@ -170,7 +272,6 @@ class _Job:
     methods: list[Method]
     folder: Path
     settings: JobSettings
-    ranks: Ranks
 
     @property
     def shards(self) -> int:
@@ -179,6 +280,21 @@ class _Job:
     def batches(self, shard: int) -> set[int]:
         per_shard = self.settings.batches_per_shard
         return set(range(shard * per_shard, (shard + 1) * per_shard))
+
+    def shard_examples(self) -> list[list[int]]:
+        """Each shard's ``[start, end)`` examples, from the batch sizes."""
+        ends = [0, *accumulate(self.source.batch_sizes())]
+        per_shard = self.settings.batches_per_shard
+        return [
+            [ends[s * per_shard], ends[min((s + 1) * per_shard, len(ends) - 1)]]
+            for s in range(self.shards)
+        ]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """What the computation of a batch needs from the settings."""
+        keys = ("seed", "target", "max_examples_per_batch")
+        return {key: getattr(self.settings, key) for key in keys}
 
     def explainers(self) -> dict[str, Explainer]:
         tokenizer = getattr(self.source, "tokenizer", None)
@@ -189,220 +305,108 @@ class _Job:
         }
 
 
-def _run(
-    job: _Job,
-    model_name: str | None,
-    show_progress: bool | None,
-    on_shard_done: Callable[[int], None] | None,
-) -> JobSummary:
-    index = _index(job, model_name)
-    _claim(job.folder, index, job.ranks)
-    explainers = job.explainers()
-    mine = [shard for shard in range(job.shards) if job.ranks.owns(shard)]
-    skipped = [shard for shard in mine if verified_record(job.folder, shard) is not None]
-    todo = [shard for shard in mine if shard not in skipped]
-    progress = _progress(job, todo, show_progress)
-    for shard in todo:
-        tensors, record = _compute_shard(job, explainers, job.batches(shard), progress)
-        save_shard(job.folder, shard, tensors, {**record, "rank": job.ranks.rank})
-        if on_shard_done is not None:
-            on_shard_done(shard)
-    progress.close()
-    job.ranks.barrier()
-    report = _finish(job.folder, index) if job.ranks.rank == 0 else None
-    job.ranks.barrier()
-    return JobSummary(job.folder, job.ranks.rank, job.ranks.world, todo, skipped, report)
-
-
-def _device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return torch.device("cpu") if parameter is None else parameter.device
-
-
-def _index(job: _Job, model_name: str | None) -> dict[str, Any]:
+def _index(job: _Job, model_name: str | None, names: list[str] | None) -> dict[str, Any]:
     from .. import __version__
 
-    model, settings = job.model, job.settings
-    identity = {
-        "methods": [m.describe() for m in job.methods],
-        "model": {
-            "name": model_name or f"{type(model).__module__}.{type(model).__qualname__}",
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "sha256": model_sha256(model),
-        },
-        "data": job.source.describe(),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "threads"},
-        "shards": job.shards,
-    }
-    identity = json.loads(json.dumps(identity, default=repr, sort_keys=True))
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    identity = as_json(
+        {
+            "methods": [m.describe() for m in job.methods],
+            "model": model_identity(job.model, model_name),
+            "data": job.source.describe(),
+            "settings": {k: v for k, v in asdict(job.settings).items() if k != "threads"},
+            "shards": job.shards,
+            "shard_examples": job.shard_examples(),
+        }
+    )
     return {
         **identity,
-        "format": "captum_chefer.jobs/1",
+        "format": FORMAT,
         "package": {"name": "captum_chefer", "version": __version__, "torch": torch.__version__},
-        "fingerprint": fingerprint,
-        "threads": settings.threads,
+        "fingerprint": fingerprint(identity),
+        "threads": job.settings.threads,
+        "classes": names,
     }
 
 
-def model_sha256(model: nn.Module) -> str:
-    """SHA-256 over the model's state dict (names, dtypes, shapes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(
-            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        )
-    return digest.hexdigest()
-
-
-def _claim(folder: Path, index: dict, ranks: Ranks) -> None:
-    """Rank 0 writes the index, or checks that the folder holds this same job; all ranks check."""
-    if ranks.rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        previous = _read_index(folder)
-        if previous is None:
-            write_json(folder / INDEX, {**index, "complete": False})
-        remove_partials(folder)
-    ranks.barrier()
-    previous = _read_index(folder)
-    if previous is None or previous.get("fingerprint") != index["fingerprint"]:
-        raise ValueError(
-            f"{folder} holds a different job (other methods, options, model, data or settings); "
-            "use a new output folder, or delete this one to start over."
-        )
-
-
-def _read_index(folder: Path) -> dict | None:
-    path = folder / INDEX
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _progress(job: _Job, todo: list[int], show_progress: bool | None) -> Any:
-    from tqdm.auto import tqdm
-
-    ranks = job.ranks
-    examples = job.source.describe()["examples"]
-    nominal = getattr(job.source, "batch_size", None) or 1
-    total = min(examples, len(todo) * job.settings.batches_per_shard * nominal)
-    return tqdm(
-        total=total,
-        unit="example",
-        desc=f"rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "job",
-        disable=show_progress is False or (show_progress is None and not _tty()),
-        position=ranks.rank,
-        dynamic_ncols=True,
-    )
-
-
-def _tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
-
-
-def _compute_shard(
-    job: _Job, explainers: dict[str, Explainer], batches: set[int], progress: Any
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """One shard's tensors and its record (examples, seconds per method, start and end)."""
-    tensors: dict[str, list[Tensor]] = {}
-    seconds = dict.fromkeys(explainers, 0.0)
-    began, first, last = time.time(), None, None
-    device = _device(job.model)
-    for index, batch in job.source.batches(batches):
-        batch = batch.to(device)
-        target = _target(job.model, batch, job.settings)
-        _add(tensors, "examples", torch.arange(batch.start, batch.start + len(batch)))
-        _add(tensors, "target", target.cpu())
-        for position, (label, explain) in enumerate(explainers.items()):
-            torch.manual_seed(_seed(job.settings.seed, index, position))
-            started = time.perf_counter()
-            relevance = explain(batch, target).detach().float()
-            seconds[label] += time.perf_counter() - started
-            _check_relevance(label, relevance, batch)
-            _store_batch(job, tensors, batch, label, relevance, target)
-        first = batch.start if first is None else first
-        last = batch.start + len(batch)
-        progress.update(len(batch))
-    merged = {
-        k: v[0] if k.startswith(("attr/", "input/")) else torch.cat(v) for k, v in tensors.items()
-    }
-    record = {"examples": [first, last], "seconds": seconds, "started": began}
-    return merged, record | {"finished": time.time()}
-
-
-def _add(tensors: dict[str, list[Tensor]], key: str, value: Tensor) -> None:
-    tensors.setdefault(key, []).append(value)
-
-
-def _seed(seed: int, batch: int, method: int) -> int:
-    return (seed * 1_000_003 + batch * 1_009 + method) % (2**63)
-
-
-def _target(model: nn.Module, batch: Batch, settings: JobSettings) -> Tensor:
-    if settings.target == "label":
-        if batch.labels is None:
-            raise ValueError("target='label' needs labels in the data; use target='predicted'.")
-        return batch.labels.long()
-    with torch.no_grad():
-        return LogitsOf(model)(*_forward_args(batch)).argmax(-1)
-
-
-def _forward_args(batch: Batch) -> tuple[Tensor | None, ...]:
-    return (batch.inputs,) if batch.kind == "image" else (batch.inputs, batch.attention_mask)
-
-
-def _check_relevance(label: str, relevance: Tensor, batch: Batch) -> None:
-    expected = (
-        (len(batch), batch.inputs.shape[1])
-        if batch.kind == "text"
-        else (len(batch), 1, *batch.inputs.shape[2:])
-    )
-    if tuple(relevance.shape) != expected:
-        raise ValueError(
-            f"{label} returned relevance of shape {tuple(relevance.shape)}; the job expects "
-            f"{expected} (one value per token, or per pixel)."
-        )
-    if not torch.isfinite(relevance).all():
-        raise ValueError(f"{label} returned NaN or inf relevance on examples from {batch.start}.")
-
-
-def _store_batch(
+def _run(
     job: _Job,
-    tensors: dict[str, list[Tensor]],
-    batch: Batch,
-    label: str,
-    relevance: Tensor,
-    target: Tensor,
+    index: dict[str, Any],
+    explainers: dict[str, Explainer],
+    ranks: Ranks,
+    mode: str,
+    log_every: float,
+    on_shard_done: Callable[[int], None] | None,
+) -> JobSummary:
+    mine = [shard for shard in range(job.shards) if ranks.owns(shard)]
+    states = shard_states(job.folder, index, mine)
+    skipped = [state.shard for state in states if state.status == "done"]
+    redone = {state.shard: state.reason for state in states if state.status == "damaged"}
+    todo = [state.shard for state in states if state.status != "done"]
+    prefix = f"rank {ranks.rank}/{ranks.world}: " if ranks.world > 1 else ""
+    ranges = index["shard_examples"]
+    total = sum(ranges[s][1] - ranges[s][0] for s in todo)
+    _announce(prefix, job.folder, index, states, total)
+    progress = Progress(total, prefix, mode, log_every, position=ranks.rank)
+    try:
+        for shard in todo:
+            tensors, record = compute_shard(
+                job.model, job.source, explainers, job.batches(shard), job.options, progress.update
+            )
+            _check_range(shard, record["examples"], ranges[shard])
+            save_shard(
+                job.folder, shard, tensors, {**record, "rank": ranks.rank}, index["fingerprint"]
+            )
+            progress.shard_written(shard, tuple(ranges[shard]))
+            if on_shard_done is not None:
+                on_shard_done(shard)
+    finally:
+        progress.close()
+    ranks.barrier()
+    report = _finish(job.folder, index) if ranks.rank == 0 else None
+    ranks.barrier()
+    return JobSummary(job.folder, ranks.rank, ranks.world, todo, skipped, report, redone)
+
+
+def _announce(
+    prefix: str, folder: Path, index: dict[str, Any], states: list[ShardState], todo_examples: int
 ) -> None:
-    """Add one method's per-example relevance, scores and curves on ``batch`` to ``tensors``."""
-    cpu = relevance.cpu()
-    for row in range(len(batch)):
-        example = batch.start + row
-        if batch.attention_mask is not None:  # text
-            real = batch.attention_mask[row].bool().cpu()
-            _add(tensors, f"attr/{label}/{example}", cpu[row][real])
-            if f"input/{example}" not in tensors:
-                _add(tensors, f"input/{example}", batch.inputs[row].cpu()[real])
-        else:
-            _add(tensors, f"attr/{label}/{example}", cpu[row])
-    chunk = job.settings.max_examples_per_batch
-    scores, curves = batch_scores(
-        LogitsOf(job.model), batch, relevance, target, job.source.baseline, chunk
-    )
-    for name, values in scores.items():
-        _add(tensors, f"score/{label}/{name}", values.cpu())
-    for name, values in curves.items():
-        _add(tensors, f"curve/{label}/{name}", values.cpu())
+    """Say what this run does: which shards are skipped (done and verified), redone, computed."""
+    skipped = [state.shard for state in states if state.status == "done"]
+    todo = [state.shard for state in states if state.status != "done"]
+    whole = f"a job of {index['shards']} shard(s), {index['data']['examples']} examples"
+    mine = f", {len(states)} of them this rank's" if prefix else ""
+    LOG.info(f"{prefix}{folder}: {whole}{mine}")
+    if skipped:
+        LOG.info(f"{prefix}resuming: shard(s) {shard_list(skipped)} done and verified, skipped")
+    for state in states:
+        if state.status == "damaged":
+            LOG.warning(f"{prefix}shard {state.shard}: {state.reason}; computing it again")
+    if todo:
+        LOG.info(f"{prefix}computing shard(s) {shard_list(todo)} ({todo_examples} examples)")
+    else:
+        LOG.info(f"{prefix}nothing left to compute")
 
 
-def _finish(folder: Path, index: dict) -> dict[str, dict[str, float]] | None:
+def _check_range(shard: int, found: list[int], expected: list[int]) -> None:
+    if list(found) != list(expected):
+        raise ValueError(
+            f"Shard {shard} computed examples {found[0]}-{found[1] - 1}, but the data's batch "
+            f"sizes put examples {expected[0]}-{expected[1] - 1} there; the source's batches "
+            "must match its batch_sizes()."
+        )
+
+
+def _finish(folder: Path, index: dict[str, Any]) -> dict[str, dict[str, float]]:
     from .report import summarize, write_report
 
-    results = JobResults(folder)
+    results = JobResults(folder, warn=False)
     if not results.complete:
-        return None
+        missing = "; ".join(f"shard {s}: {why}" for s, why in results.missing.items())
+        raise ValueError(
+            f"{folder}: after every rank finished, {missing}. Rerun the same command to redo them."
+        )
     summary = summarize(results)
     write_report(results, summary, folder)
     write_json(folder / INDEX, {**index, "complete": True})
+    LOG.info(f"report: {folder / 'report.md'}")
     return summary
