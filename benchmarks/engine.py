@@ -206,7 +206,8 @@ def load_llama(
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    with torch.device(device):  # initialised where it runs (a 1B model in seconds on a GPU)
+        model = LlamaForCausalLM(cfg)
     explained = Explained(model, logits_to_keep=1 if last_logit_only else 0)
     explained = explained.to(device, dtype).eval()
     generator = torch.Generator().manual_seed(n)

@@ -45,6 +45,7 @@ skips what needs CUDA and says so).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -496,6 +497,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(result, dict):
             result["seconds"] = round(time.perf_counter() - began, 1)
         report.add(stage, result)
+        gc.collect()  # the next stage (engine's subprocesses) gets the GPU's memory back
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _environment(device: str) -> dict:

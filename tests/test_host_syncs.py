@@ -842,3 +842,29 @@ def sync_table() -> str:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(sync_table())
+
+
+@pytest.mark.parametrize("name", ["CheferRelevance", "AttentionRollout", "AttnLRP"])
+def test_a_model_split_across_devices_gives_the_single_device_map_without_mixing(name):
+    """The first half of the layers on the host, the rest and the head on the device (the
+    hidden states moved between them): the map is the single-device one, and no operation of
+    the package mixes devices (the reader's blocks were once folded on the host into rows on
+    the device, which a GPU refuses)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_check import SplitEncoder
+
+    method = getattr(captum_chefer, name)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    single = method(SplitEncoder("cpu", "cpu").eval()).attribute(ids, 1, output="token")
+    with DeviceSimulation() as sim:
+        model = SplitEncoder("cpu", "cpu").eval()
+        for block in model.layers[2:]:
+            sim.move(block)
+        sim.move(model.head)
+        model.second = SIM_DEVICE
+        with sim.record() as log:
+            split = method(model).attribute(ids, 1, output="token")
+    assert [event.site for event in log.mixes] == []
+    torch.testing.assert_close(to_cpu(split), single, rtol=1e-5, atol=1e-7)

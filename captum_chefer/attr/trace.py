@@ -119,6 +119,7 @@ def trace_attention(
             if not recorder.records:
                 raise RuntimeError(NOT_ON_PATH)
             finite = torch.isfinite(selected.detach()).reshape(-1)
+            recorder.device = selected.device
             trace = Trace(output.detach(), target, recorder.records, dependencies, finite)
             before_backward(trace, recorder)
             check_token_mixing(recorder, model)

@@ -186,6 +186,9 @@ class Recorder:
     the layer stacks are looked for when the attribution was given no model."""
     in_backward: bool = False
     """Set by :func:`backward`: calls seen now are a checkpointed block's recomputation."""
+    device: torch.device | None = None
+    """The explained output's device, where the reader's rows live; the blocks of layers on
+    other devices are moved there."""
     on_backward: BackwardHook | None = None
     """Called when a kept call's backward starts (see :data:`BackwardHook`)."""
     reentrant: list[str] = field(default_factory=list)
@@ -500,6 +503,14 @@ class Recorder:
         output = _CapturedProbs.apply(self, record, self.anchor(probs.device), probs)
         return self._keep(record, output) if record is not None else output
 
+    def _on_reader_device(self, probs: Tensor, grad_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """A block moved to the device of the explained output, where the reader's rows live
+        (a model split across devices runs some layers elsewhere)."""
+        device = self.device
+        if device is None or probs.device == device:
+            return probs, grad_probs
+        return probs.to(device), grad_probs.to(device)
+
     def backward_call(self, record: CallRecord | None, call: AttentionCall, grad_output: Tensor):
         """The input gradients of one kernel call; its blocks go to the reader if it is kept."""
         reader = self.reader if record is not None and not record.superseded else None
@@ -511,6 +522,7 @@ class Recorder:
 
         def feed(rows: slice, probs: Tensor, grad_probs: Tensor) -> None:
             assert reader is not None and record is not None
+            probs, grad_probs = self._on_reader_device(probs, grad_probs)
             reader.add_block(record.index, rows, probs, grad_probs)
 
         grads = attention_backward(
@@ -539,7 +551,8 @@ class Recorder:
         self.reader.begin_layer(record.index, record.shape)
         # A copy: the reader may overwrite grad_probs, which autograd passes on below.
         grad_probs = grad_probs.to(torch.float32, copy=True)
-        self.reader.add_block(record.index, slice(None), probs.float(), grad_probs)
+        probs, grad_probs = self._on_reader_device(probs.float(), grad_probs)
+        self.reader.add_block(record.index, slice(None), probs, grad_probs)
         self.reader.end_layer(record.index)
 
 

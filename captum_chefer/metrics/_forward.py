@@ -161,7 +161,7 @@ def target_indices(target: TargetType, batch: int, device: torch.device) -> Tens
         values = (target,) if isinstance(target, int) else _int_tuple(target)
         index = torch.empty(batch, len(values), dtype=torch.long, device=device)
         for column, value in enumerate(values):
-            index[:, column] = value
+            index[:, column].fill_(value)  # a kernel argument, not a copy from the host
         return index
     if isinstance(target, Tensor):
         index = _tensor_target(target, batch)

@@ -160,7 +160,7 @@ def _eraser_drops(
         unperturbed = torch.zeros_like(n_features).unsqueeze(1)
         counts = torch.cat([unperturbed, feature_counts(n_features, values, "ceil")], 1)
         steps = torch.full((len(values) + 1,), keep, device=n_features.device)
-        steps[0] = False  # the unperturbed step
+        steps[:1].fill_(False)  # the unperturbed step (fill_: no scalar copied from the host)
         return counts, steps
 
     scores = perturbation_scores(
