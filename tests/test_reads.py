@@ -428,3 +428,26 @@ def test_an_empty_batch_gives_empty_maps(output):
     ids = torch.zeros(0, 7, dtype=torch.long)
     empty = CheferRelevance(lambda i: model(i).logits, model).attribute(ids, 0, output=output)
     assert empty.shape == (0, 7)
+
+
+def test_a_four_dimensional_input_of_per_token_features_is_not_taken_for_an_image():
+    """Inputs ``(B, N, 2, 2)`` (PyHealth's deep nested floats): each token's relevance lands on
+    that token's entries (the old code laid 5 tokens out as a class token and a 2x2 patch grid,
+    with no error)."""
+
+    class PerTokenFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Linear(4, 16)
+            self.encoder = models.EncoderClassifier()
+
+        def forward(self, x):
+            return self.encoder(self.embed(x.flatten(2)))
+
+    model = PerTokenFeatures().eval()
+    x = torch.randn(2, 5, 2, 2, generator=torch.Generator().manual_seed(1))
+    rows = CheferRelevance(model, model.encoder).attribute(x, target=1, output="token")
+    mapped = CheferRelevance(model, model.encoder).attribute(x, target=1)
+    assert mapped.shape == x.shape
+    assert torch.equal(mapped, rows[:, :, None, None].expand_as(x))

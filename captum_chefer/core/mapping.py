@@ -132,11 +132,23 @@ def tokens_to_input(
     ``positions`` places the patches of an image at the grid cells the model drew for them
     (:func:`patches_to_image`); the tokens before them are the prefix.
 
+    An input whose axis 1 has one entry per token (ids ``(B, N)``, embeddings ``(B, N, D)``, or
+    per-token features ``(B, N, …)`` of any rank) gets each token's value over that token's
+    entries; a 4-D input with another axis 1 is an image, its patches laid on their grid.
+
     Example:
         >>> tokens_to_input(torch.ones(1, 5), torch.Size([1, 3, 4, 4])).shape
         torch.Size([1, 3, 4, 4])
+        >>> tokens_to_input(torch.arange(5.0).view(1, 5), torch.Size([1, 5, 2, 2]))[0, :, 0, 0]
+        tensor([0., 1., 2., 3., 4.])
     """
     batch, size = row.shape
+    image_hint = positions is not None or num_prefix_tokens is not None or patch_grid is not None
+    if len(input_shape) >= 2 and input_shape[1] == size and not image_hint:
+        # one value per token along axis 1, spread over the rest (ids, embeddings, or a
+        # (B, N, …) input of per-token features, not an image)
+        mapped = row.reshape(batch, size, *([1] * (len(input_shape) - 2)))
+        return mapped.expand(*input_shape).contiguous()
     if len(input_shape) == 4 and positions is not None:
         patch_index, grid = positions
         prefix = size - patch_index.shape[1]
@@ -147,9 +159,6 @@ def tokens_to_input(
         patches = row[:, prefix:].reshape(batch, 1, *grid)
         image = F.interpolate(patches, size=(height, width), mode="bilinear", align_corners=False)
         return image.expand(batch, channels, height, width).contiguous()
-    if len(input_shape) in (2, 3) and input_shape[1] == size:
-        mapped = row if len(input_shape) == 2 else row.unsqueeze(-1)
-        return mapped.expand(*input_shape).contiguous()
     raise ValueError(
         f"Cannot map relevance over {size} tokens onto an input of shape {tuple(input_shape)}; "
         "use output='token' to get the raw token relevance (B, N)."
