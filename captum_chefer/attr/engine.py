@@ -40,6 +40,7 @@ from .checks import (
     check_self_relevance,
     check_streams,
 )
+from .inputs import check_inputs
 from .trace import Trace, is_causal, real_keys, trace_attention
 
 Output = Literal["input", "token"]
@@ -136,6 +137,7 @@ def explain(
     block_bytes: int | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Run the flow (see the module) and return Captum-formatted relevance."""
+    check_inputs(inputs, additional_forward_args, subject.model)
     is_inputs_tuple = _is_tuple(inputs)
     inputs_tuple = _format_tensor_into_tuples(inputs)
     spec = _one_read_per_input(subject.name, spec, len(inputs_tuple))

@@ -26,6 +26,7 @@ from ..capture import (
 )
 from ..core.readers import Reader
 from ._captum import TargetType, _run_forward, _select_targets
+from .inputs import check_target, not_a_tensor
 
 NOTHING_CAPTURED = (
     "No attention was captured while running the model. captum_chefer sees attention computed "
@@ -147,6 +148,7 @@ def select_one_per_example(output: Tensor, target: TargetType) -> Tensor:
         >>> select_one_per_example(torch.arange(6.0).view(2, 3), 1)
         tensor([1., 4.])
     """
+    check_target(output, target)
     selected = _select_targets(output, target)
     if selected.numel() != output.shape[0]:
         raise ValueError(
@@ -165,10 +167,7 @@ def as_tensor(output: Any) -> Tensor:
     logits = getattr(output, "logits", None)
     if isinstance(logits, Tensor):
         return logits
-    raise TypeError(
-        f"forward_func returned {type(output).__name__}; it must return a tensor (or an object "
-        "with .logits). Wrap the model, e.g. lambda ids, mask: model(ids, mask).pooler_output."
-    )
+    raise not_a_tensor(output)
 
 
 def default_target(output: Tensor, target: TargetType) -> TargetType:
