@@ -172,23 +172,23 @@ def plot_image_maps(
         cmap: the colour map of the maps.
 
     Returns:
-        A matplotlib ``Figure`` (not registered with pyplot): ``figure.savefig(path,
-        bbox_inches="tight")``.
+        A pyplot ``Figure``, like the other plots of this package (a notebook shows it):
+        ``figure.savefig(path, bbox_inches="tight")``, then ``plt.close(figure)``.
 
     Example:
+        >>> import matplotlib.pyplot as plt
         >>> figure = plot_image_maps(torch.rand(1, 3, 16, 16), {"Chefer": torch.rand(1, 16)})
         >>> len(figure.axes)  # the image, one map, the colour bar
         3
+        >>> plt.close(figure)
     """
+    import matplotlib.pyplot as plt
     from captum.attr import visualization as viz
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     from .records import image_attr_arguments
 
     count = len(images)
-    figure = Figure(figsize=(2.6 * (len(maps) + 1) + 0.6, 2.6 * count))
-    FigureCanvasAgg(figure)
+    figure = plt.figure(figsize=(2.6 * (len(maps) + 1) + 0.6, 2.6 * count))
     axes = figure.subplots(count, len(maps) + 1, squeeze=False)
     top = 1 - 0.3 / figure.get_figheight()  # room for the first row's captions only
     figure.subplots_adjust(left=0.02, right=0.9, top=top, bottom=0.02, wspace=0.08, hspace=0.2)
