@@ -201,7 +201,7 @@ records = visualization_records(
     text_relevance,
     [tokens for _, tokens, _ in rows],
     special_mask=special & (batch["input_ids"] != EOS),  # CLIP reads the text from its EOT
-    pred_class=[title for title, _, _ in rows],
+    pred_class=["similarity logit"] * len(rows),
     pred_prob=[float(logits[i, i]) for i in range(len(rows))],
 )
 title = f"CLIP caption relevance in Captum's table ({UNTRAINED})"
