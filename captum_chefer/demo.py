@@ -16,6 +16,7 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import CheferRelevance, pretrained
-from .viz import add_colour_bar, plot_text_heatmap, save_text_heatmap
+from .viz import add_colour_bar, label_figure, plot_text_heatmap, save_text_heatmap
 from .viz.tokens import TokenRow, merge_pieces, row_scales
 
 DEFAULT_PAIRS = [
@@ -56,11 +57,19 @@ class Explanation:
     relevance: Tensor
     special: list[bool]
 
+    def words(self) -> TokenRow:
+        """The tokens with word pieces merged into words (``windows ##ill`` → ``windowsill``),
+        relevance summed, as the pictures show them."""
+        return merge_pieces(
+            TokenRow(self.tokens, self.relevance.to(torch.float64), list(self.special))
+        )
+
     def top(self, k: int = 5) -> list[tuple[str, float]]:
-        """The ``k`` most relevant tokens, special tokens skipped."""
+        """The ``k`` most relevant whole words, special tokens skipped."""
+        words = self.words()
         scored = [
             (t, float(r))
-            for t, r, s in zip(self.tokens, self.relevance, self.special, strict=True)
+            for t, r, s in zip(words.tokens, words.scores, words.special, strict=True)
             if not s
         ]
         return sorted(scored, key=lambda item: item[1], reverse=True)[:k]
@@ -140,14 +149,15 @@ def _explanation(tokenizer, batch, i, sentence, other, similarity, relevance) ->
 
 
 def report(pairs: Sequence[tuple[Explanation, Explanation]]) -> str:
-    """The printed summary: each pair's similarity and both sentences' top-5 tokens."""
-    lines = []
+    """The printed summary: how to read it, then each pair's similarity and both sentences'
+    five most relevant words (A given B, then B given A)."""
+    lines = textwrap.wrap(HOW_TO_READ, 100) + [""]
     for number, (a_given_b, b_given_a) in enumerate(pairs, 1):
         lines.append(f"Pair {number}: cosine similarity {a_given_b.similarity:.3f}")
-        for label, explanation in (("A", a_given_b), ("B", b_given_a)):
-            top = ", ".join(f"{token} {value:.2e}" for token, value in explanation.top(5))
+        for label, explanation in (("A given B", a_given_b), ("B given A", b_given_a)):
+            top = ", ".join(f"{word} {value:.2e}" for word, value in explanation.top(5))
             lines.append(f"  {label}: {explanation.sentence}")
-            lines.append(f"     top tokens: {top}")
+            lines.append(f"     top words: {top}")
     return "\n".join(lines)
 
 
@@ -158,10 +168,10 @@ def write_outputs(
 ) -> tuple[str, str]:
     """Write ``similarity.html`` (all pairs, both directions) and ``similarity.png``.
 
-    Every row is drawn on one shared scale (the largest ``|relevance|`` of all rows), so that a
-    weakly explained pair looks weak; each row's title states its own largest value. [CLS] and
-    [SEP] are shown uncoloured, and word pieces are merged into words unless
-    ``merge_word_pieces`` is False.
+    Every row is drawn on one shared scale from 0 (the largest relevance of all rows), so that
+    a weakly explained pair looks weak; each row's title states its own largest value. [CLS]
+    and [SEP] are shown uncoloured, and word pieces are merged into words unless
+    ``merge_word_pieces`` is False. Both files open with :data:`HOW_TO_READ`.
     """
     _require("matplotlib", "matplotlib", "pip install matplotlib")
     os.makedirs(out_dir, exist_ok=True)
@@ -175,32 +185,51 @@ def write_outputs(
     html_path = save_text_heatmap(
         os.path.join(out_dir, "similarity.html"),
         [(title, row.tokens, row.shown()) for title, row in rows],
-        page_title="captum_chefer: which words make two sentences similar (all-MiniLM-L6-v2)",
+        page_title=TITLE,
         scale=scale,
-        intro=WHAT_COLOUR_SHOWS,
+        intro=HOW_TO_READ,
     )
     png_path = os.path.join(out_dir, "similarity.png")
     _write_png(png_path, rows, scale)
     return html_path, png_path
 
 
-WHAT_COLOUR_SHOWS = (
-    "Colour shows how strongly each token drives the cosine similarity of the pair "
-    "(gradient-weighted attention relevance, Chefer et al., ICCV 2021), on one scale for every "
-    "sentence. It is not how similar the sentences are: that is the cosine in each title. A "
-    "score can respond strongly to its words even when it is low, so an unrelated pair may be "
-    "coloured as much as a paraphrase."
+TITLE = "captum_chefer: which words make two sentences similar (all-MiniLM-L6-v2)"
+
+A_GIVEN_B = (
+    '"A given B" colours each word of sentence A by how strongly it drives the cosine '
+    "similarity of A's embedding to B's, with B's embedding held fixed; \"B given A\" is the "
+    "other way round."
 )
+
+WHAT_COLOUR_SHOWS = (
+    "Colour is relevance (gradient-weighted attention, Chefer et al., ICCV 2021), from white "
+    "at 0 to full red at the largest value of all rows; [CLS] and [SEP] are left white. Every "
+    "row shares that one scale so that rows compare: a weakly explained sentence looks weak. "
+    "Colour is not how similar the sentences are: that is each pair's cosine. The cosine "
+    "responds less to its words the closer two embeddings are (its gradient vanishes as they "
+    "align), so a near-paraphrase is coloured faintly and an unrelated pair can look hotter."
+)
+
+HOW_TO_READ = f"{A_GIVEN_B} {WHAT_COLOUR_SHOWS}"
+"""What the HTML page, the PNG and the terminal each say before the pairs."""
 
 
 def _token_row(explanation: Explanation, merge_word_pieces: bool) -> TokenRow:
-    row = TokenRow(
+    if merge_word_pieces:
+        return explanation.words()
+    return TokenRow(
         explanation.tokens, explanation.relevance.to(torch.float64), list(explanation.special)
     )
-    return merge_pieces(row) if merge_word_pieces else row
 
 
 def _write_png(path: str, rows: Sequence[tuple[str, TokenRow]], scale: float) -> None:
+    similarity_figure(rows, scale).savefig(path, dpi=120, bbox_inches="tight")
+
+
+def similarity_figure(rows: Sequence[tuple[str, TokenRow]], scale: float) -> Any:
+    """The PNG's figure: :data:`TITLE`, :data:`HOW_TO_READ`, one row of words per
+    ``(title, row)`` on one scale from 0 to ``scale``, and its colour bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -208,19 +237,18 @@ def _write_png(path: str, rows: Sequence[tuple[str, TokenRow]], scale: float) ->
     FigureCanvasAgg(figure)  # draws off-screen; the user's pyplot backend is left alone
     axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
     figure.subplots_adjust(left=0.01, right=0.9, top=0.97, bottom=0.02, hspace=1.1)
-    add_colour_bar(
-        figure, list(axes), scale, "Chefer relevance (one scale for all rows; [CLS]/[SEP] blank)"
-    )
+    add_colour_bar(figure, list(axes), scale, "Chefer relevance (one scale for all rows)")
     for ax, (title, row) in zip(axes, rows, strict=True):
         plot_text_heatmap(row.tokens, row.shown(), ax=ax, scale=scale)
         ax.set_title(title, loc="left", fontsize=9)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    label_figure(figure, TITLE, HOW_TO_READ)
+    return figure
 
 
 def _row_title(number: int, label: str, explanation: Explanation, row: TokenRow) -> str:
     largest = float(row.shown().abs().max()) if row.tokens else 0.0
     return (
-        f"Pair {number}, {label} (cosine {explanation.similarity:.3f}, max |relevance| "
+        f"Pair {number}, {label} (cosine {explanation.similarity:.3f}, max relevance "
         f"{largest:.2g}): {explanation.sentence!r} vs {explanation.other!r}"
     )
 
@@ -266,9 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"all-MiniLM-L6-v2 on {args.device}; target: cosine similarity of the mean-pooled "
-        'embeddings; CheferRelevance(token_index="mean").'
+        'embeddings; CheferRelevance(token_index="mean").\n'
     )
-    print("Relevance of each token of one sentence, given the other ([CLS]/[SEP] not listed).\n")
     print(report(explained))
     html_path, png_path = write_outputs(args.out, explained, not args.no_merge)
     print(f"\nWrote {html_path}\nWrote {png_path}")

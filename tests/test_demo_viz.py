@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import html
 import re
 import subprocess
 import sys
@@ -162,9 +163,12 @@ def test_demo_main_writes_html_and_png(minilm, tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     html_path, png_path = tmp_path / "similarity.html", tmp_path / "similarity.png"
     assert f"Wrote {html_path}" in printed and f"Wrote {png_path}" in printed
-    assert printed.count("top tokens:") == 2 * len(demo.DEFAULT_PAIRS)
-    listed = [line for line in printed.splitlines() if "top tokens:" in line]
+    assert printed.count("top words:") == 2 * len(demo.DEFAULT_PAIRS)
+    listed = [line for line in printed.splitlines() if "top words:" in line]
     assert not any("[CLS]" in line or "[SEP]" in line for line in listed)
+    # whole words, as in the pictures, and what the HTML says about reading them
+    assert "windowsill" in printed and "windows " not in printed
+    assert " ".join(printed.split()).count(" ".join(demo.HOW_TO_READ.split())) == 1
     page = html_path.read_text(encoding="utf-8")
     assert page.count('class="cc-heatmap"') == 2 * len(demo.DEFAULT_PAIRS)
     assert "guitar" in page and "instrument" in page
@@ -235,7 +239,7 @@ def test_captum_records_merge_pieces_and_state_the_shared_scale():
     merged = torch.tensor([0.0, 1.2e-4, 3.0e-5, 3.3e-4, 0.0], dtype=torch.float64)
     torch.testing.assert_close(records[0].word_attributions, merged / 3.3e-4)
     torch.testing.assert_close(records[1].word_attributions, 0.25 * merged / 3.3e-4)
-    assert records[0].attr_class == records[1].attr_class == "Chefer (1 = 0.00033)"
+    assert records[0].attr_class == records[1].attr_class == "Chefer (full colour at 0.00033)"
     assert records[1].attr_score == pytest.approx(0.25 * float(merged.sum()))
     assert (records[1].pred_class, records[1].pred_prob) == ("neg", 0.6)
     per_row = viz_records.visualization_records(relevance, TINY_TOKENS * 2, scale="row")
@@ -303,16 +307,34 @@ def test_shared_html_page_colours_rows_by_one_scale(tmp_path: Path):
     page = Path(save_text_heatmap(tmp_path / "p.html", rows)).read_text(encoding="utf-8")
     alphas = [colour[3] for colour in _span_colours(page)]
     assert alphas == pytest.approx([viz_text.MAX_ALPHA * v for v in (1.0, 0.5, 0.25)], abs=1e-3)
-    assert page.count("one scale for every sentence") == 2
+    # one scale, so one scale bar for the page, from 0 since no score is negative
+    assert page.count("one scale for every sentence") == page.count('class="cc-legend"') == 1
+    assert page.index('class="cc-legend"') < page.index('class="cc-heatmap"')
+    assert re.search(r'cc-legend">0<span class="cc-bar" style="background: linear-gradient\('
+                     r"to right, rgba\(255, 255, 255, 0\)", page)  # fmt: skip
     page = Path(save_text_heatmap(tmp_path / "q.html", rows, scale="row")).read_text("utf-8")
     assert _span_colours(page)[2][3] == pytest.approx(viz_text.MAX_ALPHA)
+    assert page.count('class="cc-legend"') == 2  # a scale of its own under each row
+
+
+def test_colour_bar_runs_from_zero_unless_signed(agg):
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    bar = viz_text.add_colour_bar(figure, figure.subplots(), 2e-4)
+    assert bar.mappable.get_clim() == (0.0, 2e-4)
+    assert bar.mappable.to_rgba(0.0)[:3] == pytest.approx((1.0, 1.0, 1.0), abs=0.01)
+    *rgb, alpha = viz_text.token_colours(torch.tensor([1e-4]), scale=2e-4)[0]
+    assert bar.mappable.to_rgba(1e-4)[:3] == pytest.approx(
+        [alpha * c / 255 + 1 - alpha for c in rgb], abs=0.01
+    )
 
 
 def test_colour_bar_ends_match_the_token_colours(agg):
     from matplotlib.figure import Figure
 
     figure = Figure()
-    bar = viz_text.add_colour_bar(figure, figure.subplots(), 2e-4)
+    bar = viz_text.add_colour_bar(figure, figure.subplots(), 2e-4, signed=True)
     top, bottom = bar.mappable.to_rgba(2e-4), bar.mappable.to_rgba(-2e-4)
     for rgba, score in ((top, 2e-4), (bottom, -2e-4)):
         *rgb, alpha = viz_text.token_colours(torch.tensor([score]), scale=2e-4)[0]
@@ -338,7 +360,7 @@ def test_image_arguments_upsample_and_state_the_scale(agg):
         patches.reshape(1, 1, 4, 4).double(), size=(32, 32), mode="bilinear"
     )
     torch.testing.assert_close(attr, grid[0, 0] / grid.max())
-    assert args["title"] == f"Chefer (1 = {float(grid.max()):.2g})" and args["show_colorbar"]
+    assert args["title"] == f"Chefer (max {float(grid.max()):.2g})" and args["show_colorbar"]
     torch.testing.assert_close(
         torch.from_numpy(args["original_image"]), image.permute(1, 2, 0).double()
     )
@@ -387,7 +409,9 @@ def test_demo_png_has_a_colour_bar_and_one_scale(minilm, tmp_path: Path):
     page = Path(html_path).read_text(encoding="utf-8")
     assert "windowsill" in page and "##ill" not in page
     largest = max(float(e.relevance[~torch.tensor(e.special)].max()) for p in pairs for e in p)
-    assert page.count(f"full colour at |value| = {largest:.3g}, one scale") == 6
+    assert page.count(f"full colour at |value| = {largest:.3g}, one scale") == 1  # one bar
+    assert html.escape(" ".join(demo.HOW_TO_READ.split())) in " ".join(page.split())
+    assert "A given B" in demo.HOW_TO_READ and "unrelated pair can look hotter" in demo.HOW_TO_READ
     import matplotlib.image
 
     pixels = matplotlib.image.imread(png_path)
@@ -429,3 +453,97 @@ def test_page_says_what_its_colours_show(tmp_path):
     page = Path(path).read_text()
     assert "<p>Colour is relevance &lt;not similarity&gt;.</p>" in page
     assert "not how similar the sentences are" in demo.WHAT_COLOUR_SHOWS
+
+
+def test_demo_png_says_what_the_html_says(agg):
+    rows = [("Pair 1, A given B", viz_tokens.TokenRow(["a", "cat"], torch.tensor([1e-4, 3e-4]),
+                                                      [False, False]))]  # fmt: skip
+    figure = demo.similarity_figure(rows, 3e-4)
+    texts = " ".join(" ".join(text.get_text().split()) for text in figure.texts)
+    assert demo.TITLE in texts and " ".join(demo.HOW_TO_READ.split()) in texts
+    bar = figure.axes[-1]
+    assert bar.get_ylim() == pytest.approx((0.0, 3e-4))  # from 0: relevance is never negative
+
+
+# --- figure labels, one colour bar, images with their maps, Captum's legend ------------------
+
+
+def test_label_figure_puts_title_and_how_to_read_above_the_panels(agg, tmp_path: Path):
+    from matplotlib.figure import Figure
+
+    from captum_chefer.viz import UNTRAINED, figures
+
+    figure = Figure(figsize=(4, 2))
+    figure.subplots().plot([0, 1])
+    texts = figures.label_figure(figure, "Title", "word " * 60, warning=UNTRAINED)
+    assert [text.get_text().split("\n")[0] for text in texts][1:] == ["Title", UNTRAINED]
+    assert texts[0].get_text().count("\n") >= 2  # wrapped to the figure's width
+    figure.canvas.draw()
+    top = figure.bbox.y1
+    heights = [text.get_window_extent().y0 for text in texts]
+    assert all(y >= top for y in heights) and heights == sorted(heights)  # above, stacked
+    figure.savefig(tmp_path / "f.png", bbox_inches="tight")
+
+
+def test_image_maps_have_one_colour_bar_captions_and_the_mask(agg):
+    from captum_chefer.viz import UNTRAINED, plot_image_maps
+
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[:, 4:8, 4:8] = True
+    maps = {"Chefer": torch.rand(2, 16), "IG": torch.randn(2, 3, 16, 16)}
+    figure = plot_image_maps(
+        images, maps, labels=["true red", "true blue"], masks=masks, warning=UNTRAINED
+    )
+    assert len(figure.axes) == 2 * 3 + 1  # one colour bar for the whole figure
+    titles = [ax.get_title() for ax in figure.axes[:6]]
+    assert titles[0] == "true red" and titles[1].startswith("Chefer (max ")
+    assert titles[3] == "true blue"
+    assert sum(len(ax.collections) for ax in figure.axes[:6]) >= 4  # the mask outlines
+    texts = [text.get_text() for text in figure.texts]
+    assert UNTRAINED in texts and any("Cyan outline" in text for text in texts)
+
+
+def test_from_zero_recolours_captums_llm_heat_map(agg):
+    from captum.attr import LLMAttributionResult
+
+    from captum_chefer.viz import from_zero
+
+    result = LLMAttributionResult(
+        seq_attr=torch.tensor([0.1, 0.3]),
+        token_attr=torch.tensor([[0.1, 0.3], [0.2, 0.0]]),
+        input_tokens=["a", "b"],
+        output_tokens=["c", "d"],
+    )
+    figure, ax = result.plot_token_attr()
+    from_zero(figure, "Chefer relevance")
+    image = ax.get_images()[0]
+    assert image.get_clim() == pytest.approx((0.0, 0.3))
+    assert image.colorbar.ax.get_ylabel() == "Chefer relevance"
+
+
+def test_captum_table_legend_names_the_sign_not_a_class():
+    records = viz_records.visualization_records(TINY, TINY_TOKENS, special_mask=TINY_SPECIAL)
+    page = viz_records.records_html(records)
+    legend = page[: page.index("<table>")]
+    assert "Positive" not in legend and "Negative" not in legend
+    assert "counts for the explained output" in legend and "against" in legend
+    assert "hsl(120, 75%, 50%)" in legend and "hsl(0, 75%, 60%)" in legend  # Captum's ends
+
+
+def test_metric_curves_say_which_way_is_better(agg):
+    fractions = (0.0, 0.5)
+    figure = viz_curves.plot_metric_curves(
+        {"A": torch.ones(2)}, fractions, title="Negative", better="higher"
+    )
+    assert figure.axes[0].get_ylabel().endswith("(↑ better)")
+    assert figure.axes[0].get_title() == "Negative"
+    with pytest.raises(ValueError, match="better must be"):
+        viz_curves.plot_metric_curves({"A": torch.ones(2)}, fractions, better="up")
+
+
+def test_viz_figure_doctests():
+    from captum_chefer.viz import figures
+
+    result = doctest.testmod(figures, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

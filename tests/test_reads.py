@@ -451,3 +451,59 @@ def test_a_four_dimensional_input_of_per_token_features_is_not_taken_for_an_imag
     mapped = CheferRelevance(model, model.encoder).attribute(x, target=1)
     assert mapped.shape == x.shape
     assert torch.equal(mapped, rows[:, :, None, None].expand_as(x))
+
+
+class ZeroedRows(nn.Module):
+    """An explicit softmax under a ``-inf`` pair mask, whose fully masked rows (NaN) the model
+    then fills with 0, as CPM-Ant does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.ModuleList([nn.Linear(16, 48) for _ in range(2)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, mask):
+        pair = (mask[:, :, None] & mask[:, None, :])[:, None]
+        for qkv in self.qkv:
+            q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in qkv(x).chunk(3, -1))
+            scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~pair, float("-inf"))
+            attn = scores.softmax(-1).masked_fill(~pair, 0.0)
+            x = x + (attn @ v).transpose(1, 2).flatten(2)
+        return self.head(x[:, 0])
+
+
+def test_rows_a_model_zeroes_after_a_nan_softmax_give_a_finite_exact_map():
+    """The padded example's map was all NaN (NaN attention times a zero gradient), silently."""
+    model = ZeroedRows().eval()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    ours = CheferRelevance(model).attribute(x, 1, (mask,), output="token")
+    alone = CheferRelevance(model).attribute(x[1:, :4], 1, (mask[1:, :4],), output="token")
+    assert bool(torch.isfinite(ours).all()) and (ours[1, 4:] == 0).all()
+    assert_close(ours[1:, :4], alone, rtol=1e-5)
+
+
+def test_a_backward_that_is_not_finite_is_refused_naming_the_examples():
+    """The output is finite but the model's own gradient is not (a root of exactly zero, as
+    Gemma 3n on left padding): the map would be NaN; it is refused by example."""
+
+    class RootOfZero(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = models.EncoderClassifier()
+
+        def forward(self, x, gate):
+            first, second = self.encoder.encoder.layers
+            h = first(x)
+            scale = (h.pow(2).mean((1, 2), keepdim=True) * gate) ** 0.5  # 0 where gate is 0
+            return self.encoder.head(second(h * scale)[:, 0])
+
+    model = RootOfZero().eval()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+    gate = torch.ones(3, 1, 1)
+    gate[1] = 0.0
+    with pytest.raises(ValueError, match=r"gradient of the explained output is NaN or infinite "
+                       r"for examples \[1\]"):  # fmt: skip
+        CheferRelevance(model).attribute(x, target=0, additional_forward_args=(gate,))

@@ -54,6 +54,10 @@ from captum_chefer.metrics import (
 )
 from captum_chefer.pretrained import load_minilm
 from captum_chefer.viz import (
+    UNTRAINED,
+    TokenRow,
+    label_figure,
+    merge_pieces,
     normalised,
     plot_metric_curves,
     records_html,
@@ -171,9 +175,11 @@ with torch.no_grad():
 # method's rows by **one scale shared by all sentences** (the method's largest |relevance|),
 # leaves [CLS] and [SEP] blank (rollout piles most of its mass on them), merges word pieces
 # ("windows ##ill" -> "windowsill", relevance summed), and writes the scale into the label
-# ("Chefer (1 = 0.00079)"). In a notebook `visualize_text` displays the table (it needs
-# IPython: `pip install "captum_chefer[notebook]"`); `records_html` writes the same table to a
-# file without IPython.
+# ("Chefer (full colour at 0.00079)"). Its legend names the colours by the sign of the
+# relevance, green for and red against the explained output, so that they cannot be read as
+# the classes "positive" and "negative". In a notebook `visualize_text` displays the table (it
+# needs IPython: `pip install "captum_chefer[notebook]"`); `records_html` writes the same table
+# to a file without IPython.
 
 
 # %%
@@ -204,9 +210,9 @@ def records_for(relevance, ids, mask, labels, predicted, probs):
     return [records[row] for row in range(len(ids)) for records in per_method.values()]
 
 
-def save_records(records, path):
+def save_records(records, path, title):
     """Captum's visualize_text table, written to a file (and shown in a notebook)."""
-    path.write_text(records_html(records), encoding="utf-8")
+    path.write_text(records_html(records, title=title), encoding="utf-8")
     wrote(path)
     if "ipykernel" in sys.modules:
         from captum_chefer.viz import visualize_text
@@ -217,17 +223,22 @@ def save_records(records, path):
 labels = [f"B: {b}" for _, b in PAIRS]
 predicted = ["cosine"] * len(PAIRS)  # Captum shows it as "cosine (0.57)"
 save_records(
-    records_for(relevance, ids, mask, labels, predicted, scores.tolist()), OUT / "similarity.html"
+    records_for(relevance, ids, mask, labels, predicted, scores.tolist()),
+    OUT / "similarity.html",
+    "Which words of sentence A make it similar to sentence B (True Label: B; four methods)",
 )
 
 # %% [markdown]
 # The same as a figure: one panel per sentence, one row per method. Each method's rows share
-# one scale across all sentences, stated in the row label, so a sentence that is explained
-# weakly looks weak; the colour bar reads in units of that scale.
+# one scale across all sentences, stated in the row label ("full colour at …"), so a sentence
+# that is explained weakly looks weak. Chefer's relevance and rollout are never negative and
+# use the white-to-red half of the colour bar; AttnLRP and Integrated Gradients can be negative
+# (blue: the word counts against the explained output). Where the truth is known (part 2), the
+# keywords that set the label are boxed.
 
 
 # %%
-def plot_token_maps(relevance, ids, mask, titles, path):
+def plot_token_maps(relevance, ids, mask, titles, path, title, evidence=None, warning=None):
     tokens = sentence_tokens(ids, mask)
     special = torch.isin(ids, SPECIAL_IDS)
     rows = {
@@ -246,17 +257,45 @@ def plot_token_maps(relevance, ids, mask, titles, path):
         image = axis.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
         words = rows[next(iter(rows))][row].tokens
         axis.set_xticks(range(len(words)), words, rotation=45, ha="right", fontsize=8)
-        axis.set_yticks(range(len(relevance)), [f"{n} (1 = {scales[n]:.2g})" for n in relevance])
+        labels = [f"{n} (full colour at {scales[n]:.2g})" for n in relevance]
+        axis.set_yticks(range(len(relevance)), labels)
         axis.tick_params(axis="y", labelsize=8)
         axis.set_title(titles[row], fontsize=9, loc="left")
+        if evidence is not None:
+            mark_keywords(axis, keyword_columns(evidence[row], tokens[row], special[row]))
     bar = figure.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01)
-    bar.set_label("relevance / the method's scale (row label)")
+    bar.set_label("relevance ÷ the method's full colour: red for, blue against the output")
+    how = (
+        "Rows: methods; columns: the sentence's words ([CLS]/[SEP] blank). Colour: relevance on "
+        "one scale per method for all sentences (its value in the row label); Chefer and rollout "
+        "are never negative, so only AttnLRP and Integrated Gradients show blue."
+        + (" Boxed: the keywords that set the true label (ground truth)." if evidence is not None
+           else "")
+    )  # fmt: skip
+    label_figure(figure, title, how, warning=warning)
     figure.savefig(wrote(path), dpi=100, bbox_inches="tight")
     finish(figure)
 
 
-titles = [f"{a}  ->  {b}  (cos {float(s):.2f})" for (a, b), s in zip(PAIRS, scores)]
-plot_token_maps(relevance, ids, mask, titles, OUT / "similarity.png")
+def keyword_columns(evidence, tokens, special):
+    """The columns (merged words) that hold a ground-truth keyword."""
+    flags = TokenRow(tokens, evidence[: len(tokens)].double(), special[: len(tokens)].tolist())
+    return [i for i, value in enumerate(merge_pieces(flags).scores.tolist()) if value > 0]
+
+
+def mark_keywords(axis, columns):
+    rows = len(axis.get_yticks())
+    for column in columns:
+        box = plt.Rectangle((column - 0.5, -0.5), 1, rows, fill=False, lw=2.5, ec="#15803d")
+        axis.add_patch(box)
+        axis.get_xticklabels()[column].set(color="#15803d", fontweight="bold")
+
+
+titles = [f"A: {a}   B: {b}   (cosine {float(s):.2f})" for (a, b), s in zip(PAIRS, scores)]
+plot_token_maps(
+    relevance, ids, mask, titles, OUT / "similarity.png",
+    "Which words of sentence A make it similar to sentence B (MiniLM, four methods)",
+)  # fmt: skip
 
 # %% [markdown]
 # ## 2. A classifier with known evidence
@@ -267,9 +306,14 @@ plot_token_maps(relevance, ids, mask, titles, OUT / "similarity.png")
 
 # %%
 train = make_sentences(64 if QUICK else 400, seed=1, tokenizer=tokenizer)
-test = make_sentences(8 if QUICK else 48, seed=2, tokenizer=tokenizer)
+test = make_sentences(16 if QUICK else 48, seed=2, tokenizer=tokenizer)
 classifier = train_text_head(MeanPoolClassifier(encoder), train, epochs=100 if QUICK else 300)
-print(f"held-out accuracy: {accuracy(classifier, test.ids, test.mask, labels=test.labels):.3f}")
+held_out = accuracy(classifier, test.ids, test.mask, labels=test.labels)
+print(f"held-out accuracy: {held_out:.3f} (chance: 0.5)")
+# Explanations of a classifier at chance explain nothing; say so on every figure.
+WARNING = None if held_out >= 0.75 else UNTRAINED
+if WARNING:
+    print(WARNING)
 
 with torch.no_grad():
     probs = classifier(test.ids, test.mask).softmax(-1)
@@ -279,23 +323,39 @@ relevance = explain(classifier, test.ids, (test.mask,), test.special, target=pre
 # %%
 shown = slice(0, 3)
 names = ["negative", "positive"]
+
+
+def keywords(row):
+    return tokenizer.decode(test.ids[row][test.evidence[row]])
+
+
+truth = [f"{names[int(test.labels[row])]} (keywords: {keywords(row)})" for row in range(3)]
 save_records(
     records_for(
         {name: values[shown] for name, values in relevance.items()},
         test.ids[shown],
         test.mask[shown],
-        [names[int(label)] for label in test.labels[shown]],
+        truth,
         [names[int(p)] for p in predicted[shown]],
         probs.amax(1)[shown].tolist(),
     ),
     OUT / "classifier.html",
+    "Which words make the classifier predict its class"
+    + (f" ({WARNING})" if WARNING else " (True Label: the class and its keywords)"),
 )
 plot_token_maps(
     {name: values[shown] for name, values in relevance.items()},
     test.ids[shown],
     test.mask[shown],
-    [f"label {names[int(label)]}" for label in test.labels[shown]],
+    [
+        f"true: {names[int(test.labels[row])]}, predicted: {names[int(predicted[row])]} "
+        f"(p = {float(probs[row].max()):.2f}); explained: the predicted class"
+        for row in range(3)
+    ],
     OUT / "classifier.png",
+    "Which words make the classifier predict its class (MiniLM + trained head, four methods)",
+    evidence=test.evidence[shown],
+    warning=WARNING,
 )
 
 # %% [markdown]
@@ -303,12 +363,13 @@ plot_token_maps(
 #
 # - **Token F1**: the top-k real tokens (k = number of keyword tokens; [CLS], [SEP] and padding
 #   excluded) against the keywords.
-# - **Comprehensiveness** (higher is better) and **sufficiency** (lower is better), ERASER's
+# - **Comprehensiveness** (↑ higher is better) and **sufficiency** (↓ lower is better), ERASER's
 #   probability drops when the top 1/5/10/20/50 % of the real tokens are replaced by `[MASK]`, or
 #   are the only ones kept.
 # - **Perturbation curve**: the predicted class's probability as 0, 10, ..., 90 % of the real
 #   tokens are replaced by `[MASK]`, most relevant first (a steep fall is good), drawn with
-#   `captum_chefer.viz.plot_metric_curves`; the legend gives each area (lower is better).
+#   `captum_chefer.viz.plot_metric_curves`; the legend gives each area (↓ lower is better).
+# - Token F1: ↑ higher is better.
 
 # %%
 candidates = test.mask.bool() & ~test.special
@@ -318,7 +379,10 @@ options = {
     "baselines": tokenizer.mask_token_id,
     "attention_mask": candidates.long(),
 }
-table = ["| method | token F1 | comprehensiveness | sufficiency |", "|---|---:|---:|---:|"]
+table = [
+    "| method | token F1 ↑ | comprehensiveness ↑ | sufficiency ↓ |",
+    "|---|---:|---:|---:|",
+]
 curves = {}
 for name, values in relevance.items():
     f1 = token_f1(values, test.evidence, candidates).mean
@@ -333,9 +397,17 @@ figure = plot_metric_curves(
     curves,
     fractions=[i / 10 for i in range(10)],
     area=perturbation_auc,
-    title=f"Positive perturbation, {len(test.ids)} held-out sentences (mean ± s.e.)",
+    title=f"{len(test.ids)} held-out sentences (mean ± s.e.)",
     xlabel="fraction of real tokens replaced by [MASK], most relevant first",
     ylabel="probability of the predicted class",
+    better="lower",
+)
+label_figure(
+    figure,
+    "Positive perturbation: remove the most relevant tokens first",
+    "The faster the probability falls, the better the map found the evidence: a lower curve "
+    "and a smaller area (legend) are better.",
+    warning=WARNING,
 )
 figure.savefig(wrote(OUT / "classifier_perturbation.png"), dpi=100, bbox_inches="tight")
 finish(figure)

@@ -28,9 +28,10 @@
 # `LLMAttributionResult.plot_token_attr` / `plot_seq_attr`.
 #
 # **The models here are randomly initialised** (nothing is downloaded), so the maps show the
-# mechanics, not meaningful explanations. The cells marked *real checkpoints* show the same
-# calls on pretrained weights; they only run when `CAPTUM_CHEFER_PRETRAINED=1` is set on a
-# machine with internet access.
+# mechanics, not meaningful explanations; every figure says so ("untrained model: the maps are
+# not meaningful"), in the quick and the full run alike. The cells marked *real checkpoints*
+# show the same calls on pretrained weights; they only run when `CAPTUM_CHEFER_PRETRAINED=1` is
+# set on a machine with internet access.
 #
 # Run it as a script, `python tutorials/03_multimodal_and_generation.py`, or open the paired
 # notebook `tutorials/03_multimodal_and_generation.ipynb`; it needs the `[tutorials]` extra.
@@ -64,10 +65,15 @@ from transformers import (
 
 from captum_chefer import CheferDualEncoder, CheferLLMAttribution
 from captum_chefer.viz import (
+    UNTRAINED,
+    colour_bar,
+    from_zero,
     image_attr_arguments,
+    label_figure,
     records_html,
     save_text_heatmap,
     visualization_records,
+    visualize_text,
 )
 
 warnings.filterwarnings("ignore", message=".*generation flags.*")
@@ -80,6 +86,7 @@ LAYERS = 2 if QUICK else 4
 WIDTH = 32 if QUICK else 64
 IMAGE = 64 if QUICK else 224
 torch.manual_seed(0)
+print(UNTRAINED, "(random weights: this tutorial shows the calls and the shapes)")
 
 
 def save(figure, name):
@@ -149,13 +156,26 @@ image_maps, text_relevance = explainer.attribute(
 print("image map", tuple(image_maps.shape), "text relevance", tuple(text_relevance.shape))
 
 # %%
-figure, axes = plt.subplots(1, 2, figsize=(8, 4))
-for i, axis in enumerate(axes):
-    # The map divided by its maximum, which the title states; Captum adds the colour bar.
+figure, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+axes[0].imshow(picture.permute(1, 2, 0).numpy())
+axes[0].set_title("the picture", fontsize=9)
+axes[0].set_axis_off()
+for i, axis in enumerate(axes[1:]):
+    # The map divided by its maximum, which the title states; one colour bar for both.
     arguments = image_attr_arguments(
-        image_maps[i].sum(0), picture, title=captions[i].replace(" <pad>", "")
+        image_maps[i].sum(0), picture, title=captions[i].replace(" <pad>", ""), method="heat_map"
     )
+    arguments["show_colorbar"] = False
     viz.visualize_image_attr(**arguments, plt_fig_axis=(figure, axis), use_pyplot=False)
+    axis.title.set_fontsize(9)
+colour_bar(figure, list(axes), "relevance ÷ the map's max (in its title)", cmap="Greens")
+label_figure(
+    figure,
+    "CLIP: which pixels make the picture match each caption",
+    "Darker green = more relevant to the similarity logit of the picture and the caption above "
+    "the map.",
+    warning=UNTRAINED,
+)
 save(figure, "03_clip_image_relevance.png")
 
 # The caption relevance on one scale shared by both captions: as a coloured-token page, and as
@@ -168,20 +188,29 @@ for i in range(len(captions)):
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][i].tolist())
     real = int(batch["attention_mask"][i].sum())
     rows.append((f"logit {float(logits[i, i]):.3f}", tokens[:real], text_relevance[i, :real]))
-save_text_heatmap(OUT / "03_clip_text_relevance.html", rows, "CLIP caption relevance")
+save_text_heatmap(
+    OUT / "03_clip_text_relevance.html",
+    rows,
+    "CLIP caption relevance",
+    intro=f"{UNTRAINED.capitalize()}. Colour: how much each word of the caption drives the "
+    "similarity logit of the picture and the caption (title), on one scale for both captions.",
+)
 print("wrote", OUT / "03_clip_text_relevance.html")
 special = torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
 records = visualization_records(
     text_relevance,
     [tokens for _, tokens, _ in rows],
     special_mask=special & (batch["input_ids"] != EOS),  # CLIP reads the text from its EOT
-    pred_class=[title for title, _, _ in rows],
+    pred_class=["similarity logit"] * len(rows),
     pred_prob=[float(logits[i, i]) for i in range(len(rows))],
 )
-(OUT / "03_clip_captum_records.html").write_text(records_html(records), encoding="utf-8")
+title = f"CLIP caption relevance in Captum's table ({UNTRAINED})"
+(OUT / "03_clip_captum_records.html").write_text(
+    records_html(records, title=title), encoding="utf-8"
+)
 print("wrote", OUT / "03_clip_captum_records.html")
 if "ipykernel" in sys.modules:
-    viz.visualize_text(records)
+    visualize_text(records)
 
 # %% [markdown]
 # *Real checkpoints* (not run here): the same call on OpenAI's CLIP. Load the model with
@@ -235,7 +264,16 @@ seq2seq = CheferLLMAttribution(bart, tokenizer).attribute(
     source, target="a cat sat", include_generated=True
 )
 print(seq2seq.input_tokens, "->", seq2seq.output_tokens)
-save(seq2seq.plot_token_attr()[0], "03_bart_token_attr.png")
+figure = seq2seq.plot_token_attr()[0]
+from_zero(figure, "Chefer relevance (never negative)")
+label_figure(
+    figure,
+    "BART: which source tokens (and earlier outputs) produced each output token",
+    "Rows: the output tokens; columns: the source, then the decoder prefix. Darker = more "
+    "relevant; a blank cell is a token the decoder could not see yet.",
+    warning=UNTRAINED,
+)
+save(figure, "03_bart_token_attr.png")
 
 # %% [markdown]
 # ## 3. A generated continuation of a causal LM
@@ -275,8 +313,24 @@ for position, (token, value) in enumerate(
     zip(generation.input_tokens, generation.seq_attr.tolist(), strict=True)
 ):
     print(f"  {position:2d} {token:>10s} {value:+.4f}")
-save(generation.plot_token_attr()[0], "03_llama_token_attr.png")
-save(generation.plot_seq_attr()[0], "03_llama_seq_attr.png")
+figure = generation.plot_token_attr()[0]
+from_zero(figure, "Chefer relevance (never negative)")
+label_figure(
+    figure,
+    "Llama: which prompt tokens (and earlier generated ones) produced each generated token",
+    "Rows: the generated tokens; columns: the prompt, then the generated prefix. Darker = "
+    "more relevant; a blank cell is a token generated later.",
+    warning=UNTRAINED,
+)
+save(figure, "03_llama_token_attr.png")
+figure = generation.plot_seq_attr()[0]
+label_figure(
+    figure,
+    "Llama: relevance of each token for the whole continuation",
+    "Bar height: Chefer relevance summed over the generated tokens (taller = more relevant).",
+    warning=UNTRAINED,
+)
+save(figure, "03_llama_seq_attr.png")
 
 # %% [markdown]
 # *Real checkpoints* (not run here): any Hugging Face causal LM or seq2seq model works the

@@ -32,15 +32,47 @@ class ModelAttribution(GradientAttribution):
     """Captum's ``multiplies_by_inputs``: whether the relevance is a gradient times the input."""
 
     def __init__(self, forward_func: Callable[..., Any], model: nn.Module | None = None) -> None:
+        """Keep ``forward_func`` and find the module to explain (see the class's Args).
+
+        A model or function compiled with ``torch.compile`` is explained through its original,
+        eager one: the compiled graph runs attention in generated code that cannot be observed.
+        """
         forward_func = uncompiled(forward_func)
         super().__init__(forward_func)
         self.model = module_or_none(uncompiled(model) if model is not None else forward_func)
 
     def has_convergence_delta(self) -> bool:
+        """False: no method of this package returns a convergence delta (Captum's flag)."""
         return False
+
+    def compute_convergence_delta(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Not available: these methods have no completeness property to measure a delta of.
+
+        Captum's gradient methods define the delta as ``sum(attributions) - (F(input) -
+        F(baseline))``. Attention relevance (Chefer, rollout, raw attention, Grad-CAM) has no
+        baseline, and its sum is not meant to equal any change of the output; AttnLRP and
+        CP-LRP conserve the explained logit only on bias-free models, which their ``attribute``
+        documents. :meth:`has_convergence_delta` is False, so Captum's tools do not call this.
+
+        Raises:
+            NotImplementedError: always, with the reason.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no convergence delta: its relevance has no baseline and "
+            "is not meant to sum to a change of the output, so has_convergence_delta() is False. "
+            "To check a map, use captum.metrics.infidelity / sensitivity_max or the perturbation "
+            "metrics of captum_chefer.metrics."
+        )
+
+    @classmethod
+    def get_name(cls) -> str:
+        """The class name with spaces before capitals, as Captum shows it ("Chefer Relevance")."""
+        return super().get_name()
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Captum's flag: True where the relevance is a gradient times the input (the LRP
+        classes), False for attention relevance."""
         return self.multiplies
 
 

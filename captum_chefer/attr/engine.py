@@ -44,6 +44,7 @@ from .checks import (
     check_streams,
     check_token_index,
 )
+from .inputs import check_inputs
 from .reads import Read, ReadPlan
 from .trace import Trace, trace_attention
 
@@ -113,6 +114,7 @@ def explain(
     block_bytes: int | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Run the flow (see the module) and return Captum-formatted relevance."""
+    check_inputs(inputs, additional_forward_args, subject.model)
     is_inputs_tuple = _is_tuple(inputs)
     inputs_tuple = _format_tensor_into_tuples(inputs)
     if empty_batch(inputs_tuple):
@@ -215,7 +217,10 @@ def read_rows(
         if (entry.stream, entry.read_stream) not in found:
             row = read.reader.read(spec.self_relevance, entry.stream, entry.read_stream)
             found[(entry.stream, entry.read_stream)] = row
-    read.check(trace.finite, zeroes_read_rows=spec.self_relevance == "zero")
+    target = None
+    if trace.target_valid is not None and trace.target_error is not None:
+        target = (trace.target_valid, trace.target_error)
+    read.check(trace.finite, spec.self_relevance == "zero", list(found.values()), target)
     rows = [found[(entry.stream, entry.read_stream)] for entry in read.reads]
     return Explained(rows, trace, positions)
 

@@ -21,6 +21,7 @@ from ._captum import (
 from .base import ModelAttribution
 from .checks import check_output
 from .engine import Output, empty_batch, empty_maps
+from .inputs import check_inputs, check_target, target_range_error
 from .trace import REENTRANT, as_tensor, default_target, select_one_per_example
 
 NO_ATTENTION = (
@@ -79,6 +80,7 @@ class _LRPAttribution(ModelAttribution):
             )
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, not {epsilon}")
+        check_inputs(inputs, additional_forward_args, self.model)
         is_inputs_tuple = _is_tuple(inputs)
         formatted = _format_tensor_into_tuples(inputs)
         if empty_batch(formatted):
@@ -115,6 +117,9 @@ class _LRPAttribution(ModelAttribution):
             raise RuntimeError(REENTRANT.format(modules="the checkpointed blocks"))
         if not state.attention_calls:
             raise RuntimeError(NO_ATTENTION.format(name=name))
+        valid = check_target(out, target)
+        if valid is not None and not bool(valid.all()):  # a target tensor on an accelerator
+            raise target_range_error(out, target)
         selected = select_one_per_example(out, default_target(out, target))
         if not selected.requires_grad:
             raise RuntimeError(

@@ -230,15 +230,31 @@ class ReadPlan:
                 )
             )
 
-    def check(self, finite: Tensor, zeroes_read_rows: bool = False) -> None:
+    def check(
+        self,
+        finite: Tensor,
+        zeroes_read_rows: bool = False,
+        rows: Sequence[Tensor] = (),
+        target: tuple[Tensor, Callable[[], Exception]] | None = None,
+    ) -> None:
         """Raise for the first failed check, with one host synchronisation when none failed.
 
         Args:
             finite: bool ``(B,)``, whether each example's explained output is finite.
             zeroes_read_rows: ``self_relevance="zero"``: refuse where the rows read are every
                 token of the stream, which would leave an all-zero map.
+            rows: the rows read ``(B, N)``: a non-finite value (a model whose own backward is
+                not finite there) is refused, naming the examples.
+            target: whether each example's target index is in range, and the error naming
+                the first that is not (a per-example target on an accelerator).
         """
-        failures = [_Failure("nonfinite", "", ~finite), *self._failures]
+        failures = [_Failure("nonfinite", "", ~finite)]
+        if target is not None:
+            failures.append(_Failure("target", "", ~target[0]))
+        failures += self._failures
+        failures += [
+            _Failure("gradient", "", ~torch.isfinite(row).all(1).to(finite.device)) for row in rows
+        ]
         if zeroes_read_rows:
             for read in self.reads:
                 if read.stream == read.read_stream:
@@ -249,6 +265,8 @@ class ReadPlan:
             return
         for failure in failures:
             if bool(failure.flags.any()):
+                if failure.kind == "target" and target is not None:
+                    raise target[1]()
                 error = IndexError if failure.kind == "range" else ValueError
                 raise error(self._message(failure))
 
@@ -263,6 +281,14 @@ class ReadPlan:
                 f"{self.name}: the explained output is NaN or infinite for examples {listed}, so "
                 "their gradients mean nothing. Check those examples' inputs (a NaN, an "
                 "overflow) or leave them out of the batch; the other examples are fine."
+            )
+        if failure.kind == "gradient":
+            return (
+                f"{self.name}: the gradient of the explained output is NaN or infinite for "
+                f"examples {listed}, though the output is finite: the model's own backward is "
+                "not finite there (a root or power of exactly zero, as on padding states). "
+                "Leave those examples out, pad on the other side, or explain them with "
+                "captum_chefer.AttnLRP(model)."
             )
         if failure.kind == "no_rows":
             return (

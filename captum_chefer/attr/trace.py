@@ -27,6 +27,7 @@ from ..capture import (
 )
 from ..core.readers import Reader
 from ._captum import TargetType, _run_forward, _select_targets
+from .inputs import check_target, not_a_tensor, target_range_error
 
 NOTHING_CAPTURED = (
     "No attention was captured while running the model: captum_chefer sees "
@@ -60,6 +61,9 @@ class Trace:
         records: the attention calls the explained output depends on, in forward order.
         dependencies: which of those calls each call's inputs depend on.
         finite: bool ``(B,)``, whether each example's explained output is finite.
+        target_valid: bool ``(B,)`` for a per-example target tensor on an accelerator: whether
+            each index is in range (read with the other checks); None where it was checked.
+        target_error: the error naming the first index out of range.
     """
 
     output: Tensor
@@ -67,6 +71,8 @@ class Trace:
     records: list[CallRecord]
     dependencies: Dependencies
     finite: Tensor
+    target_valid: Tensor | None = None
+    target_error: Callable[[], Exception] | None = None
 
     @property
     def batch(self) -> int:
@@ -111,7 +117,9 @@ def trace_attention(
             if not recorder.records:
                 check_token_mixing(recorder, model)  # names softmaxes it could not read, if any
                 raise RuntimeError(NOTHING_CAPTURED.format(hint=_hint(model)))
-            target = default_target(output, target)
+            user_target = target
+            target_valid = check_target(output, target)
+            target = default_target(output, safe_target(output, target, target_valid))
             selected = select_one_per_example(output, target)
             if not selected.requires_grad:
                 raise RuntimeError(NOT_ON_PATH)
@@ -121,6 +129,9 @@ def trace_attention(
             finite = torch.isfinite(selected.detach()).reshape(-1)
             recorder.device = selected.device
             trace = Trace(output.detach(), target, recorder.records, dependencies, finite)
+            if target_valid is not None:  # an index out of range: refused with the checks
+                trace.target_valid, given = target_valid, user_target
+                trace.target_error = lambda: target_range_error(output, given)
             before_backward(trace, recorder)
             check_token_mixing(recorder, model)
             recorder.read_flags()
@@ -176,10 +187,16 @@ def as_tensor(output: Any) -> Tensor:
     logits = getattr(output, "logits", None)
     if isinstance(logits, Tensor):
         return logits
-    raise TypeError(
-        f"forward_func returned {type(output).__name__}; it must return a tensor (or an object "
-        "with .logits). Wrap the model, e.g. lambda ids, mask: model(ids, mask).pooler_output."
-    )
+    raise not_a_tensor(output)
+
+
+def safe_target(output: Tensor, target: TargetType, valid: Tensor | None) -> TargetType:
+    """A per-example target tensor whose range is checked later (on an accelerator, with the
+    call's other checks): indexes kept inside the output while the forward selects, so that a
+    bad one is refused by name instead of failing the device; other targets as they are."""
+    if valid is None or not isinstance(target, Tensor):
+        return target
+    return torch.where(valid, target, 0)
 
 
 def default_target(output: Tensor, target: TargetType) -> TargetType:

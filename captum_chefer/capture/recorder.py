@@ -551,7 +551,10 @@ class Recorder:
         self.reader.begin_layer(record.index, record.shape)
         # A copy: the reader may overwrite grad_probs, which autograd passes on below.
         grad_probs = grad_probs.to(torch.float32, copy=True)
-        probs, grad_probs = self._on_reader_device(probs.float(), grad_probs)
+        # A row masked at every key is NaN after the softmax; the model zeroes or ignores it
+        # (CPM-Ant fills it with 0 after the softmax): it attends to nothing.
+        probs = probs.float().nan_to_num(0.0)
+        probs, grad_probs = self._on_reader_device(probs, grad_probs)
         self.reader.add_block(record.index, slice(None), probs, grad_probs)
         self.reader.end_layer(record.index)
 

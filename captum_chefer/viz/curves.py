@@ -3,13 +3,14 @@
 :func:`captum_chefer.metrics.perturbation_curve` and its kin return a bare ``(B, S)`` tensor.
 :func:`plot_metric_curves` draws the mean over examples of each method's curve against the
 fraction of features removed (or inserted), with a band of one standard error, and puts each
-curve's area (the paper's AUC) in the legend. matplotlib is imported inside the function.
+curve's area (the paper's AUC) in the legend; ``better`` puts ↓ or ↑ on the axis and the
+legend, so that the reader knows which way is good. matplotlib is imported inside the function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ def plot_metric_curves(
     title: str | None = None,
     xlabel: str = "fraction of features removed",
     ylabel: str = "score of the target",
+    better: Literal["lower", "higher"] | None = None,
 ) -> Any:
     """One line per method: the mean curve over examples, a standard-error band, its area.
 
@@ -37,6 +39,9 @@ def plot_metric_curves(
         title: the axes' title.
         xlabel: the x axis label.
         ylabel: the y axis label (say which score: probability, accuracy, logit).
+        better: whether a ``"lower"`` curve (and area) is better, as when the most relevant
+            features are removed first, or a ``"higher"`` one; marked ↓ or ↑ on the y axis and
+            the legend's title.
 
     Returns:
         The matplotlib ``Figure``.
@@ -47,6 +52,11 @@ def plot_metric_curves(
         >>> figure = plot_metric_curves(curves, (0.0, 0.25, 0.5), area=perturbation_auc)
         >>> [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
         ['A (area 25.0)', 'B (area 43.8)']
+        >>> figure = plot_metric_curves(
+        ...     curves, (0.0, 0.25, 0.5), area=perturbation_auc, better="lower"
+        ... )
+        >>> figure.axes[0].get_ylabel(), figure.axes[0].get_legend().get_title().get_text()
+        ('score of the target (↓ better)', 'area (↓ lower is better)')
     """
     import matplotlib.pyplot as plt
 
@@ -56,11 +66,15 @@ def plot_metric_curves(
     for name, curve in curves.items():
         rows = _rows(curve, len(x), name)
         _draw(ax, x, rows, _label(name, rows, x, area))
+    if better not in (None, "lower", "higher"):
+        raise ValueError(f"better must be 'lower', 'higher' or None, not {better!r}.")
+    arrow = {"lower": "↓", "higher": "↑"}.get(better or "")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(f"{ylabel} ({arrow} better)" if arrow else ylabel)
     ax.set_xlim(float(x[0]), float(x[-1]))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
+    heading = f"area ({arrow} {better} is better)" if arrow and area is not None else None
+    ax.legend(fontsize=8, frameon=False, title=heading, title_fontsize=8)
     if title is not None:
         ax.set_title(title, fontsize=10)
     return ax.figure

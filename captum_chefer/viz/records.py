@@ -4,7 +4,9 @@ Captum colours a word by its raw value clipped to ``[-1, 1]``, so Chefer's relev
 1e-4 renders white, with a score of 0.00. :func:`visualization_records` first normalises each
 row to a stated scale (see :mod:`captum_chefer.viz.tokens`), masks the special tokens, merges
 word pieces on request, and writes the scale into the row's label. :func:`records_html` renders
-the same table without IPython; :func:`visualize_text` displays it in a notebook.
+the same table without IPython; :func:`visualize_text` displays it in a notebook. Its legend
+names the colours by the sign of the relevance ("for" / "against" the explained output), never
+"positive" / "negative", which a reader would take for class names beside sentiment labels.
 :func:`image_attr_arguments` turns a patch or pixel map into the arguments of Captum's
 ``visualize_image_attr``.
 
@@ -13,6 +15,7 @@ Captum is imported inside the functions, so that ``captum_chefer.viz`` loads wit
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,8 +43,9 @@ def visualization_records(
     """One Captum ``VisualizationDataRecord`` per example, on a stated scale.
 
     Each row's ``word_attributions`` is its relevance divided by the scale (so in ``[-1, 1]``)
-    with special tokens set to 0; ``attr_class`` becomes ``"<attr_class> (1 = <scale>)"``, so
-    the table says what full colour means; ``attr_score`` is the raw sum over coloured tokens.
+    with special tokens set to 0; ``attr_class`` becomes ``"<attr_class> (full colour at
+    <scale>)"``, so the table says what full colour means; ``attr_score`` is the raw sum over
+    coloured tokens.
 
     Args:
         relevance: ``(B, T)`` token relevance.
@@ -66,7 +70,7 @@ def visualization_records(
         >>> [round(v, 3) for v in records[0].word_attributions.tolist()]
         [0.0, 0.25, 1.0, 0.0]
         >>> records[1].word_attributions.tolist(), records[1].attr_class
-        ([0.0, 0.5, 0.0], 'Chefer (1 = 0.0004)')
+        ([0.0, 0.5, 0.0], 'Chefer (full colour at 0.0004)')
     """
     from captum.attr import visualization as viz
 
@@ -87,7 +91,7 @@ def visualization_records(
                 float(pred_prob[i]),
                 pred_class[i],
                 true_class[i],
-                f"{attr_class} (1 = {value:.2g})",
+                f"{attr_class} (full colour at {value:.2g})",
                 float(shown.sum()),
                 row.tokens,
                 None,
@@ -105,10 +109,13 @@ def _per_row(values: Sequence[Any] | None, count: int, default: Any, name: str) 
     return listed
 
 
-def records_html(records: Sequence[Any], legend: bool = True) -> str:
+def records_html(records: Sequence[Any], legend: bool = True, title: str | None = None) -> str:
     """The table of Captum's ``visualize_text`` as an HTML string; needs no IPython.
 
-    It is built from Captum's public formatting functions, so its colours are Captum's.
+    It is built from Captum's public formatting functions, so its colours are Captum's. The
+    legend names what a colour means for the relevance: green counts for the explained output
+    (the class in "Predicted Label", or the score), red against it; full colour is the value in
+    each row's "Attribution Label". ``title`` (escaped) heads the table.
 
     Example:
         >>> records = visualization_records(torch.tensor([[1e-4, 2e-4]]), [["a", "cat"]])
@@ -132,19 +139,16 @@ def records_html(records: Sequence[Any], legend: bool = True) -> str:
         + "</tr>"
         for record in records
     ]
-    key = ""
-    if legend:
-        swatches = "".join(
-            f'<span style="display:inline-block;width:10px;height:10px;border:1px solid;'
-            f'background-color:{viz._get_color(value)}"></span> {label} '
-            for value, label in ((-1, "Negative (-1)"), (0, "Neutral (0)"), (1, "Positive (1)"))
-        )
-        key = f"<div><b>Legend: </b>{swatches} (1 = the scale in each label)</div>"
-    return key + "<table>" + header + "".join(rows) + "</table>"
+    heading = f"<h3>{html.escape(title)}</h3>" if title else ""
+    return heading + (LEGEND if legend else "") + "<table>" + header + "".join(rows) + "</table>"
 
 
 def visualize_text(records: Sequence[Any], legend: bool = True) -> Any:
-    """Captum's ``visualize_text``, with an install hint when IPython is missing.
+    """Captum's ``visualize_text`` table, displayed in a notebook, with the legend of
+    :func:`records_html` (relevance for / against the output, not "Positive" / "Negative").
+
+    Returns:
+        The displayed ``IPython.display.HTML``.
 
     Raises:
         ImportError: without IPython; the message names the extra to install.
@@ -156,7 +160,29 @@ def visualize_text(records: Sequence[Any], legend: bool = True) -> Any:
             f"visualize_text displays HTML in a notebook and needs IPython: {NOTEBOOK_EXTRA}. "
             "Without it, write the same table to a file with records_html(records)."
         )
-    return viz.visualize_text(records, legend=legend)
+    from IPython.display import HTML, display
+
+    table = HTML(records_html(records, legend=legend))
+    display(table)
+    return table
+
+
+def _swatch(colour: str) -> str:
+    return (
+        '<span style="display:inline-block;width:10px;height:10px;border:1px solid #999;'
+        f'background-color:{colour}"></span>'
+    )
+
+
+LEGEND = (
+    "<div><b>Colour = relevance, by sign (not the class):</b> "
+    + _swatch("hsl(120, 75%, 50%)")
+    + " green: counts for the explained output &nbsp;"
+    + _swatch("hsl(0, 75%, 100%)")
+    + " white: 0 &nbsp;"
+    + _swatch("hsl(0, 75%, 60%)")
+    + " red: counts against it. Full colour at the value in each row's Attribution Label.</div>"
+)
 
 
 def image_attr_arguments(
@@ -197,7 +223,7 @@ def image_attr_arguments(
     value = float(upsampled.abs().max())
     if not value > 0:
         raise ValueError("the map is all zeros: nothing to show. Check the target and the layer.")
-    label = f"{title + ' ' if title else ''}(1 = {value:.2g})"
+    label = f"{title + ' ' if title else ''}(max {value:.2g})"
     return {
         "attr": (upsampled / value)[..., None].numpy(),
         "original_image": image.detach().permute(1, 2, 0).to("cpu", torch.float64).numpy(),

@@ -1,10 +1,12 @@
 """Token relevance as coloured text: an HTML fragment, a standalone HTML page, a matplotlib figure.
 
 Positive relevance is drawn in red, negative in blue, and the colour's opacity is proportional
-to ``|score| / scale``. The scale is stated in every picture: by default a page of several
-sentences shares one scale (:func:`save_text_heatmap`), so that a weakly explained sentence
-looks weak; a single sentence uses its own largest ``|score|``. The HTML and the matplotlib
-pictures use the same colours, and :func:`add_colour_bar` labels a figure's scale.
+to ``|score| / scale``: relevance that is never negative (Chefer's) reads on a sequential scale
+from white at 0 to red. The scale is stated in every picture: by default a page of several
+sentences shares one scale (:func:`save_text_heatmap`, with one scale bar for the page), so that
+a weakly explained sentence looks weak; a single sentence uses its own largest ``|score|``. The
+HTML and the matplotlib pictures use the same colours, and :func:`add_colour_bar` labels a
+figure's scale.
 
 Captum's ``visualize_text`` needs IPython; these helpers write files that open anywhere. Only
 torch is imported here; matplotlib is imported inside :func:`plot_text_heatmap`.
@@ -51,7 +53,11 @@ def token_colours(scores: Tensor, scale: float | None = None) -> list[tuple[int,
 
 
 def text_heatmap_html(
-    tokens: Sequence[str], scores: Tensor, title: str | None = None, scale: float | None = None
+    tokens: Sequence[str],
+    scores: Tensor,
+    title: str | None = None,
+    scale: float | None = None,
+    legend: bool = True,
 ) -> str:
     """One sentence as an HTML fragment: tokens on backgrounds coloured by relevance, a legend.
 
@@ -64,6 +70,8 @@ def text_heatmap_html(
         title: a heading shown above the tokens.
         scale: the ``|score|`` drawn at full colour, stated in the legend; None: the
             sentence's own largest ``|score|``.
+        legend: add the scale bar under the tokens (a page of rows on one scale shows one bar
+            for all of them instead); a row whose every score is 0 says so either way.
 
     Returns:
         A ``<div>`` that can be placed in any HTML page (see :func:`save_text_heatmap`).
@@ -88,7 +96,8 @@ def text_heatmap_html(
             f'<span class="cc-token" style="background-color: {_css(colour)}" '
             f'title="{value:.4g}">{html.escape(token)}</span>'
         )
-    lines += ["</div>", _legend_html(values, scale), "</div>"]
+    shown = legend or not any(values)  # a row of zeros says so even under a page's bar
+    lines += ["</div>", _legend_html(values, scale) if shown else "", "</div>"]
     return "\n".join(lines)
 
 
@@ -106,7 +115,8 @@ def save_text_heatmap(
         rows: ``(title, tokens, scores)`` for each sentence, as for :func:`text_heatmap_html`.
         page_title: the page's ``<title>`` and top heading.
         scale: ``"shared"`` (default): one full-colour value, the largest ``|score|`` of all
-            rows, so that rows compare; ``"row"``: each row its own; or a number.
+            rows, so that rows compare, with one scale bar under the ``intro``; ``"row"``:
+            each row its own, with a bar under each row; or a number (one bar).
         intro: a paragraph under the heading that says what the colours show.
 
     Returns:
@@ -118,10 +128,14 @@ def save_text_heatmap(
     elif scale != "row":
         shared = float(scale)
     fragments = "\n".join(
-        text_heatmap_html(tokens, scores, title, shared) for title, tokens, scores in rows
+        text_heatmap_html(tokens, scores, title, shared, legend=shared is None)
+        for title, tokens, scores in rows
     )
     heading = html.escape(page_title)
     paragraph = f"<p>{html.escape(intro)}</p>\n" if intro else ""
+    if shared is not None:
+        every = [value for _, _, scores in rows for value in _as_scores(scores)]
+        paragraph += _legend_html(every, shared) + "\n"
     page = (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{heading}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
@@ -185,17 +199,21 @@ def plot_text_heatmap(
     return figure
 
 
-def add_colour_bar(figure: Any, axes: Any, scale: float, label: str = "relevance") -> Any:
-    """A colour bar from ``-scale`` (blue) through white to ``+scale`` (red), beside ``axes``.
+def add_colour_bar(
+    figure: Any, axes: Any, scale: float, label: str = "relevance", signed: bool = False
+) -> Any:
+    """The key of :func:`plot_text_heatmap`: a colour bar from 0 (white) to ``scale`` (red).
 
-    The colours are those of :func:`token_colours` over white, so the bar is the key of
-    :func:`plot_text_heatmap` drawn with the same ``scale``.
+    The colours are those of :func:`token_colours` over white. Relevance that is never
+    negative (Chefer's, rollout's) needs no more; ``signed=True`` draws the bar from
+    ``-scale`` (blue) through white to ``+scale`` for relevance of either sign.
 
     Args:
         figure: the matplotlib ``Figure``.
         axes: the axes (or a list of them) to put the bar beside.
         scale: the ``|score|`` at full colour.
         label: the bar's label; the scale is stated by the bar's end ticks.
+        signed: draw the negative half too.
 
     Returns:
         The matplotlib ``Colorbar``.
@@ -206,6 +224,9 @@ def add_colour_bar(figure: Any, axes: Any, scale: float, label: str = "relevance
         >>> ax = figure.subplots()
         >>> bar = add_colour_bar(figure, ax, 2e-4)
         >>> [round(float(t), 6) for t in bar.get_ticks()]
+        [0.0, 0.0001, 0.0002]
+        >>> bar = add_colour_bar(figure, ax, 2e-4, signed=True)
+        >>> [round(float(t), 6) for t in bar.get_ticks()]
         [-0.0002, 0.0, 0.0002]
     """
     from matplotlib.cm import ScalarMappable
@@ -213,12 +234,16 @@ def add_colour_bar(figure: Any, axes: Any, scale: float, label: str = "relevance
 
     if not scale > 0:
         raise ValueError(f"scale must be positive, not {scale}; every score may be 0.")
-    ends = [_over_white(NEGATIVE_RGB), (1.0, 1.0, 1.0), _over_white(POSITIVE_RGB)]
+    ends = [(1.0, 1.0, 1.0), _over_white(POSITIVE_RGB)]
+    ticks = [0.0, scale / 2, scale]
+    if signed:
+        ends.insert(0, _over_white(NEGATIVE_RGB))
+        ticks = [-scale, 0.0, scale]
     cmap = LinearSegmentedColormap.from_list("captum_chefer", ends)
-    mappable = ScalarMappable(Normalize(-scale, scale), cmap)
+    mappable = ScalarMappable(Normalize(ticks[0], scale), cmap)
     bar = figure.colorbar(mappable, ax=axes, fraction=0.03, pad=0.01)
-    bar.set_ticks([-scale, 0.0, scale])
-    bar.set_ticklabels([f"{-scale:.2g}", "0", f"{scale:.2g}"])
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([f"{tick:.2g}" if tick else "0" for tick in ticks])
     bar.set_label(label)
     return bar
 
@@ -260,7 +285,7 @@ def _legend_html(values: list[float], shared: float | None) -> str:
     negative = _css((*NEGATIVE_RGB, MAX_ALPHA))
     gradient = f"linear-gradient(to right, {negative}, rgba(255, 255, 255, 0), {positive})"
     low = f"{-scale:.3g}"
-    if min(values) >= 0 and shared is None:
+    if min(values) >= 0:  # never negative: a sequential scale from 0
         gradient = f"linear-gradient(to right, rgba(255, 255, 255, 0), {positive})"
         low = "0"
     return (
