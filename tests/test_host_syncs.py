@@ -63,17 +63,25 @@ GOALS = {"attention": 2, "metric": 1}
 """Issue 23's goals: at most 2 host syncs per attention call whatever the depth, at most 1 per
 metric call. The budgets below are what the code achieves, at or under them."""
 
+TARGET_CHECK = {
+    ("captum_chefer/attr/lrp.py", "_forward"): "a per-example target tensor must index classes "
+    "that exist: refused by name, not by a device-side assert; the relevance flow merges this "
+    "check into its one read, the LRP rules have no other"
+}
+"""The one check of the LRP rules, made only for a per-example target tensor."""
+
 ATTENTION = Budget(1, READ_CHECKS)
 CURVE = Budget(1, NAN_CHECK)
 NONE = Budget(0)
+LRP = Budget(1, TARGET_CHECK)
 BUDGETS: dict[str, Budget] = {
     "CheferRelevance": ATTENTION,
     "RawAttention": ATTENTION,
     "AttentionRollout": ATTENTION,
     "AttentionGradCAM": ATTENTION,
     "GradientRollout": ATTENTION,
-    "AttnLRP": NONE,
-    "CPLRP": NONE,
+    "AttnLRP": LRP,
+    "CPLRP": LRP,
     "CheferEncoderDecoder": ATTENTION,
     "CheferMultiModal": ATTENTION,
     "CheferDualEncoder": ATTENTION,
