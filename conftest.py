@@ -1,15 +1,16 @@
-"""The PyHealth tests run in their own Python 3.12 environment: ``bash tests/pyhealth/run.sh``.
+"""What needs PyHealth runs in its own Python 3.12 environment: ``tests/pyhealth/run.sh``.
 
 pyhealth 2.1.0 needs Python >= 3.12, and the main suite runs on 3.11 without it. So a run that
 does not name them (the main suite's plain ``pytest``) leaves out what needs PyHealth:
 
-- this folder (not collected);
+- ``tests/pyhealth`` (not collected);
 - the doctests of ``captum_chefer/pyhealth.py`` and the runs of ``tutorials/04_pyhealth``'s
   script and notebook (deselected; the notebook's pairing with its script is still checked).
 
 ``run.sh`` names them (``pytest tests/pyhealth captum_chefer/pyhealth.py``) in the 3.12
 environment it makes, where they all run; named anywhere without PyHealth, they fail loudly.
-This file imports nothing from PyHealth.
+It is this repository's root conftest so that it applies to any selection (``pytest
+tests/test_tutorials.py`` too); it imports nothing from PyHealth.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).resolve().parent
+HERE = ROOT / "tests" / "pyhealth"
 ADAPTER = ROOT / "captum_chefer" / "pyhealth.py"
 TUTORIAL = "04_pyhealth"
 TUTORIAL_RUNS = ("test_tutorial_runs_and_writes_figures", "test_notebook_executes")
