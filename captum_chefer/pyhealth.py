@@ -78,6 +78,7 @@ class Interpreter:
             ``output`` is the interpreter's to set.
 
     Example:
+        >>> import logging
         >>> from pyhealth.datasets import create_sample_dataset, get_dataloader
         >>> from pyhealth.models import Transformer
         >>> import captum_chefer
@@ -85,10 +86,10 @@ class Interpreter:
         ...     {"patient_id": "p0", "conditions": ["A", "B", "C"], "label": 1},
         ...     {"patient_id": "p1", "conditions": ["D"], "label": 0},
         ... ]
-        >>> dataset = create_sample_dataset(  # doctest: +ELLIPSIS
+        >>> logging.getLogger("pyhealth").setLevel(logging.WARNING)  # its info goes to stdout
+        >>> dataset = create_sample_dataset(
         ...     samples, {"conditions": "sequence"}, {"label": "binary"}
         ... )
-        Label label vocab: ...
         >>> model = Transformer(dataset, embedding_dim=16, heads=2, num_layers=2).eval()
         >>> batch = next(iter(get_dataloader(dataset, batch_size=2)))
         >>> maps = Interpreter(model, captum_chefer.AttnLRP, epsilon=0.0)(**batch)
@@ -184,16 +185,17 @@ class CheferRelevance(Interpreter):
         **options: options of :meth:`captum_chefer.CheferRelevance.attribute`.
 
     Example:
+        >>> import logging
         >>> from pyhealth.datasets import create_sample_dataset, get_dataloader
         >>> from pyhealth.models import Transformer
         >>> samples = [
         ...     {"patient_id": "p0", "conditions": [["A", "B"], ["C"]], "label": 1},
         ...     {"patient_id": "p1", "conditions": [["D"]], "label": 0},
         ... ]
-        >>> dataset = create_sample_dataset(  # doctest: +ELLIPSIS
+        >>> logging.getLogger("pyhealth").setLevel(logging.WARNING)  # its info goes to stdout
+        >>> dataset = create_sample_dataset(
         ...     samples, {"conditions": "nested_sequence"}, {"label": "binary"}
         ... )
-        Label label vocab: ...
         >>> model = Transformer(dataset, embedding_dim=16, heads=2, num_layers=2).eval()
         >>> batch = next(iter(get_dataloader(dataset, batch_size=2)))
         >>> maps = CheferRelevance(model).attribute(**batch)
