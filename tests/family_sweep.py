@@ -7,6 +7,14 @@ of the package: a float64 eager copy whose attention maps are the ones Hugging F
 with ``output_attentions=True`` (timm: the input of each ``attn_drop``), their gradients taken
 with ``retain_grad`` and a full backward, and ICCV 2021 eq. 5-6 applied on full matrices.
 
+Causal families are built with a window of :data:`WINDOW` tokens where their config has one
+(``sliding_window``, a layer pattern with sliding layers, GPT-Neo's local layers, Llama 4's
+attention chunks), and those exact on their unpadded batch are checked again on
+:data:`PADDED_LENGTH` tokens with example 1 right-padded, then left-padded, by :data:`PADDING`
+tokens, read at each example's last real token: the map at the default ``token_index="auto"``
+must match the reference (float32 where float64 gives NaN: a query row whose every key is
+masked overflows the mask's minimum to -inf) and give exactly 0 at padding.
+
 Outcomes: ``exact`` (both implementations match the reference), ``refused`` (a clear error
 from captum_chefer, e.g. windowed attention), or ``not run`` (the sweep could not build or feed
 the family generically: other modalities, configs whose sizes do not shrink). A mismatch, or a
@@ -21,7 +29,7 @@ import copy
 import functools
 import inspect
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -198,6 +206,34 @@ QUIRKS = {
 """Config arguments that cannot be derived from the sizes above (a layer pattern spec)."""
 MAX_PARAMETERS = 30_000_000
 BATCH, LENGTH = 2, 7
+WINDOW = 4
+"""The sliding window (or attention chunk) set on every causal family whose config has one."""
+WINDOW_SIZES = (
+    "sliding_window",
+    "sliding_window_size",
+    "attention_window_size",
+    "attention_chunk_size",
+    "window_size",
+)
+"""Config names of a decoder's window (GPT-Neo's local layers: ``window_size``)."""
+PADDED_LENGTH, PADDING = 12, 5
+"""The padded batches of a causal family: 12 tokens, example 1 padded by 5 on one side."""
+
+
+@dataclass
+class Padded:
+    """A causal family on a padded batch (see :func:`padded_outcome`)."""
+
+    side: str
+    """``"right"`` or ``"left"``: where example 1's padding is."""
+    result: str
+    """``exact``, ``not run`` (the reason in ``detail``) or ``FAILED`` (a refusal too: the rule
+    is defined on the padded batch as on the unpadded one)."""
+    detail: str = ""
+    windowed: int = 0
+    """Layers whose maps show a window: the last token of the unpadded example does not attend
+    the first."""
+    layers: int = 0
 
 
 @dataclass
@@ -209,6 +245,11 @@ class Outcome:
     lrp: str = ""
     """AttnLRP and CP-LRP on the same model: ``ok`` (finite maps, nothing left behind),
     ``refused: …`` (a clear error from captum_chefer), or ``FAILED: …``."""
+    padding: str = ""
+    """The padding the family was checked with."""
+    masks: str = ""
+    """The attention implementations, and a causal family's window."""
+    padded: list[Padded] = field(default_factory=list)
 
 
 def lrp_outcome(model, forward, values: tuple, refused: bool = True) -> str:
@@ -301,12 +342,13 @@ def hf_families() -> list[str]:
     return sorted(set().union(*names))
 
 
-def tiny_config(family: str, deep: bool = False):
+def tiny_config(family: str, deep: bool = False, window: bool = False):
     """The family's default config with its sizes shrunk, dropout off.
 
     A size the config's validators reject is repaired: a key/value head count made equal to
     the query heads, or any other size the error names set back to its default. ``deep`` also
-    shrinks what only a model over the parameter cap needs (see :func:`deep_kwargs`).
+    shrinks what only a model over the parameter cap needs (see :func:`deep_kwargs`);
+    ``window`` sets a decoder's window, where its config has one, to :data:`WINDOW` tokens.
     """
     from transformers import CONFIG_MAPPING
 
@@ -318,7 +360,7 @@ def tiny_config(family: str, deep: bool = False):
     try:
         if default is None:
             default = config_class(**QUIRKS.get(family, {}))
-        kwargs = tiny_kwargs(default, deep)
+        kwargs = tiny_kwargs(default, deep, window)
         return config_class(**valid_kwargs(config_class, default, kwargs))
     except Exception as error:  # noqa: BLE001 - any config error means "cannot shrink"
         message = " ".join(_message(error).split())
@@ -371,11 +413,12 @@ def _repair(kwargs: dict, default, error: BaseException) -> dict | None:
     return None
 
 
-def tiny_kwargs(default, deep: bool = False) -> dict:
+def tiny_kwargs(default, deep: bool = False, window: bool = False) -> dict:
     """Constructor arguments that shrink ``default``'s sizes and switch dropout off.
 
     Only integer sizes the config already has are set; properties are left alone; sub-configs
-    (a composite model's towers) are shrunk the same way.
+    (a composite model's towers) are shrunk the same way. ``window``: see
+    :func:`window_kwargs`.
     """
     from transformers import PretrainedConfig
 
@@ -410,7 +453,7 @@ def tiny_kwargs(default, deep: bool = False) -> dict:
         elif isinstance(value, PretrainedConfig):
             derived = ("per_layer_config",)  # keyed by the default's layer indexes: re-derived
             settings = {k: v for k, v in value.to_dict().items() if k not in derived}
-            shrunk = tiny_kwargs(value, deep)
+            shrunk = tiny_kwargs(value, deep, window and not _other_modality(name))
             kwargs[name] = valid_kwargs(type(value), value, {**settings, **shrunk})
         elif isinstance(value, (list, tuple)) and len(value) == layers and layers > 1:
             try:
@@ -429,10 +472,44 @@ def tiny_kwargs(default, deep: bool = False) -> dict:
             kwargs[name] = count
     if deep:
         kwargs.update(deep_kwargs(default, kwargs))
+    if window:
+        kwargs.update(window_kwargs(default, kwargs))
     for name, value in QUIRKS.get(getattr(default, "model_type", ""), {}).items():
         nested = isinstance(value, dict) and isinstance(kwargs.get(name), dict)
         kwargs[name] = {**kwargs[name], **value} if nested else value  # a sub-config's setting
     return kwargs
+
+
+def _other_modality(name: str) -> bool:
+    """Whether a sub-config of this name configures a tower over another input than the text
+    (its windows are not a decoder's)."""
+    return any(word in name for word in ("vision", "audio", "image", "video", "speech"))
+
+
+def window_kwargs(default, kwargs: dict) -> dict:
+    """A window of :data:`WINDOW` tokens wherever the config has a window size (set or None),
+    switched on where a flag switches it (``use_sliding_window``), from the second layer on
+    where the config derives its layer types from ``max_window_layers`` (Qwen2's); where the
+    tiny layer pattern has two full-attention layers and no sliding one, the last is made
+    sliding (a family whose default uses no sliding layer, as Laguna's)."""
+    window: dict = {
+        name: WINDOW
+        for name in WINDOW_SIZES
+        if name in vars(default) and not isinstance(vars(default)[name], (bool, list, dict))
+    }
+    if window and "use_sliding_window" in vars(default):
+        window["use_sliding_window"] = True
+    pattern = kwargs.get("layer_types")
+    if window and isinstance(vars(default).get("max_window_layers"), int):
+        window["max_window_layers"] = 1
+        window["layer_types"] = None  # derived again from the window layers
+    elif window and isinstance(pattern, list) and "sliding_attention" not in pattern:
+        full = [i for i, kind in enumerate(pattern) if kind == "full_attention"]
+        if len(full) > 1:
+            window["layer_types"] = [
+                "sliding_attention" if i == full[-1] else kind for i, kind in enumerate(pattern)
+            ]
+    return window
 
 
 WIDTHS = ("channels", "hidden_sizes", "dims", "widths")
@@ -533,10 +610,16 @@ def hf_task(family: str) -> tuple[str, type]:
     return kind, model_class
 
 
-def build_hf(family: str):
-    """A tiny eval-mode model of the family at its default attention implementation."""
+def build_hf(family: str, window: bool = True):
+    """A tiny eval-mode model of the family at its default attention implementation, and its
+    kind; with ``window``, a causal family has a window of :data:`WINDOW` tokens where its
+    config has one (see :func:`window_kwargs`)."""
     kind, model_class = hf_task(family)
-    config = tiny_config(family)
+    return kind, _build(family, model_class, window and kind == "causal")
+
+
+def _build(family: str, model_class, window: bool):
+    config = tiny_config(family, window=window)
     try:
         with torch.device("meta"):
             size = sum(p.numel() for p in model_class(config).parameters())
@@ -550,7 +633,7 @@ def build_hf(family: str):
     except Exception as error:  # noqa: BLE001
         raise NotRun(f"build: {type(error).__name__}: {_oneline(error)[:100]}") from error
     if size > MAX_PARAMETERS:  # shrink what only a model this large needs
-        config, size = _deep_config(family, model_class, config, size)
+        config, size = _deep_config(family, model_class, config, size, window)
     if size > MAX_PARAMETERS:
         raise NotRun(f"{size / 1e6:.0f}M parameters after shrinking")
     torch.manual_seed(0)
@@ -565,13 +648,13 @@ def build_hf(family: str):
     languages = getattr(config, "languages", None)
     if languages and hasattr(model, "set_default_language"):  # X-MOD's language adapters
         model.set_default_language(languages[0])
-    return kind, model
+    return model
 
 
-def _deep_config(family: str, model_class, config, size: int):
+def _deep_config(family: str, model_class, config, size: int, window: bool):
     """``tiny_config(family, deep=True)`` and its size, or ``config`` and ``size`` unchanged."""
     try:
-        deep = tiny_config(family, deep=True)
+        deep = tiny_config(family, deep=True, window=window)
         if type(deep) is not type(config):  # built from the text config, as above
             try:
                 deep = deep.get_text_config()
@@ -636,49 +719,76 @@ def _per_codebook(model) -> bool:
         return False
 
 
-def select(kind: str, output) -> torch.Tensor:
+def select(kind: str, output, last: torch.Tensor | None = None) -> torch.Tensor:
+    """The explained logits ``(B, C)``: a causal model's at each example's ``last`` token (the
+    last position where ``last`` is None), an encoder's or an image model's as they are."""
     logits = getattr(output, "logits", None)
     if logits is None and kind == "image":  # PP-LCNet returns its logits as last_hidden_state
         logits = output.last_hidden_state
     if logits.shape[0] != BATCH:  # a row per example and codebook (MusicGen): codebook 0's
         logits = logits.reshape(BATCH, -1, *logits.shape[1:])[:, 0]
-    return logits[:, -1] if kind == "causal" else logits
+    if kind != "causal":
+        return logits
+    return logits[:, -1] if last is None else logits[torch.arange(BATCH), last]
 
 
-def plain_forward(kind: str, model, inputs: dict) -> torch.Tensor:
+def plain_forward(pick, model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
-        return select(kind, model(**inputs))
+        return pick(model(**inputs))
 
 
-def reference_rows(kind: str, model, inputs: dict, target: int):
-    """The rows of R minus the identity that the output is read from, from output_attentions
-    at eager, in float64 where the model's kernels allow it (grouped expert matmuls and some
-    masks don't: float32 there); and the ``token_index`` that reads them (see
-    :func:`read_weights`)."""
+@dataclass
+class Reference:
+    """What the reference read: ``rows`` ``(B, N)`` of R minus the identity, the
+    ``token_index`` that reads them (``fix``, see :func:`read_weights`), and the attention
+    maps ``(B, H, N, N)`` of every layer (to see the windows the model applied)."""
+
+    rows: torch.Tensor
+    fix: dict | None
+    maps: list[torch.Tensor]
+
+
+class NonFinite(RuntimeError):
+    """The reference's gradients are not finite in this dtype."""
+
+
+def reference_rows(pick, model, inputs: dict, target: int) -> Reference:
+    """The rows of R minus the identity that the output ``pick(model(**inputs))[:, target]``
+    is read from, from output_attentions at eager (``model`` is the eager copy, copied again
+    for the reference), with the ``token_index`` that reads them and the maps.
+
+    In float64 where the model's kernels allow it; in float32 where they don't (grouped
+    expert matmuls, some masks) or where a float64 gradient is not finite: in float64 a query
+    row whose every key is masked (left padding, a window over padding only) overflows the
+    dtype's minimum in the mask to -inf and gives NaN, which the backward spreads."""
     try:
-        return _reference_rows(kind, model, inputs, target, torch.float64)
+        return _reference_rows(pick, model, inputs, target, torch.float64)
     except RuntimeError:
-        return _reference_rows(kind, model, inputs, target, torch.float32)
+        return _reference_rows(pick, model, inputs, target, torch.float32)
 
 
-def _reference_rows(kind, model, inputs, target, dtype):
+def _reference_rows(pick, model, inputs, target, dtype) -> Reference:
     states = FinalStates()
     try:
-        attentions = _returned_attentions(kind, model, inputs, target, dtype, states)
+        attentions = _returned_attentions(pick, model, inputs, target, dtype, states)
     except (NotRun, RuntimeError) as error:
         # The maps it returns are copies, or returning them fails: read the softmax outputs.
         states = FinalStates()
         try:
-            attentions = _softmax_attentions(kind, model, inputs, target, dtype, states)
+            attentions = _softmax_attentions(pick, model, inputs, target, dtype, states)
         except NotRun as second:
             raise NotRun(f"{error}; {second}") from error
+    grads = [a.grad for a in attentions if a.grad is not None]
+    if not all(bool(torch.isfinite(grad).all()) for grad in grads):
+        raise NonFinite(f"the reference's attention gradients are not finite in {dtype}")
     used = _used_rows(attentions[-1])
     weights, fix = read_weights(used, states.alike(used))
     if weights is None:
         raise Combined(
             f"the output combines the states of tokens {used[0].nonzero().flatten().tolist()}"
         )
-    return _relevance_rows(attentions, weights), fix
+    maps = [a.detach().nan_to_num(0.0) for a in attentions]
+    return Reference(_relevance_rows(attentions, weights), fix, maps)
 
 
 class Combined(NotRun):
@@ -741,9 +851,9 @@ def read_weights(used: torch.Tensor, alike: bool):
     return None, None
 
 
-def _returned_attentions(kind, model, inputs, target, dtype, states) -> list[torch.Tensor]:
+def _returned_attentions(pick, model, inputs, target, dtype, states) -> list[torch.Tensor]:
     """The maps Hugging Face returns with ``output_attentions=True``, their gradients kept."""
-    reference = _eager_copy(model).to(dtype)
+    reference = _reference_copy(model, dtype)
     double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     handles = states.watch(reference)
     try:
@@ -759,17 +869,17 @@ def _returned_attentions(kind, model, inputs, target, dtype, states) -> list[tor
     for attention in attentions:
         if attention.requires_grad:  # a map computed under no_grad has no gradient: zero
             attention.retain_grad()
-    select(kind, output)[:, target].sum().backward()
+    pick(output)[:, target].sum().backward()
     if all(a.grad is None for a in attentions):
         raise NotRun("the attention maps it returns are copies, off the gradient path")
     return list(attentions)
 
 
-def _softmax_attentions(kind, model, inputs, target, dtype, states) -> list[torch.Tensor]:
+def _softmax_attentions(pick, model, inputs, target, dtype, states) -> list[torch.Tensor]:
     """Every 4-D softmax over the last dimension in the eager copy's forward, in order, its
     gradient kept: ``torch.softmax``, ``torch.nn.functional.softmax`` and ``Tensor.softmax``
     wrapped for the one forward and backward (``nn.Softmax`` calls the functional one)."""
-    reference = _eager_copy(model).to(dtype)
+    reference = _reference_copy(model, dtype)
     double = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     captured: list[torch.Tensor] = []
     originals = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
@@ -792,7 +902,7 @@ def _softmax_attentions(kind, model, inputs, target, dtype, states) -> list[torc
     torch.Tensor.softmax = keeping(originals[2])
     handles = states.watch(reference)
     try:
-        select(kind, reference(**double))[:, target].sum().backward()
+        pick(reference(**double))[:, target].sum().backward()
     finally:
         torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax = originals
         for handle in handles:
@@ -816,11 +926,11 @@ def _relevance_rows(attentions, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bn,bnk->bk", weights, relevance) - weights
 
 
-def ours_rows(kind: str, model, inputs: dict, target: int, **read) -> torch.Tensor:
+def ours_rows(pick, model, inputs: dict, target: int, **read) -> torch.Tensor:
     names = list(inputs)
 
     def forward(*values):
-        return select(kind, model(**dict(zip(names, values))))
+        return pick(model(**dict(zip(names, values))))
 
     values = tuple(inputs.values())
     explainer = CheferRelevance(forward, model)
@@ -860,29 +970,207 @@ def compare(ours: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | Non
 
 
 def sweep_hf(family: str) -> Outcome:
-    """Build, run and check one transformers family: Chefer's rule, then AttnLRP and CP-LRP."""
+    """Build, run and check one transformers family: Chefer's rule, then AttnLRP and CP-LRP;
+    a causal family exact on its unpadded batch is checked on right- and left-padded batches
+    too (see :func:`padded_outcome`)."""
+    no_window = ""
     try:
-        kind, model = build_hf(family)
-        inputs, _ = hf_inputs(kind, model)
-        before = plain_forward(kind, model, inputs)
+        try:
+            kind, model, inputs, pick, before = _running(family, window=True)
+        except Exception as error:  # noqa: BLE001 - without the window, if it has one
+            if hf_task(family)[0] != "causal":
+                raise
+            kind, model, inputs, pick, before = _running(family, window=False)
+            no_window = f"with one: {_describe(error)[:100]}"
     except NotRun as error:
         return Outcome(family, "", "not run", str(error))
     except Exception as error:  # noqa: BLE001 - the model does not run on generic inputs
-        return Outcome(
-            family, "", "not run", f"forward: {type(error).__name__}: {_oneline(error)[:90]}"
-        )
-    outcome = _chefer_outcome(family, kind, model, inputs, before)
+        return Outcome(family, "", "not run", f"forward: {_describe(error)[:100]}")
+    eager = _eager_copy(model)
+    outcome = _chefer_outcome(family, kind, (model, eager), inputs, pick, before)
     if outcome.result != "not run":
-        names = list(inputs)
-
-        def forward(m, *values):
-            return select(kind, m(**dict(zip(names, values))))
-
         refused = outcome.result in ("refused", "no attention")
-        outcome.lrp = lrp_outcome(model, forward, tuple(inputs.values()), refused)
+        outcome.lrp = lrp_outcome(model, _forward_of(pick, inputs), tuple(inputs.values()), refused)
         if outcome.result == "refused" and model.config.is_encoder_decoder:
             outcome.lrp += "; " + encoder_decoder_outcome(model, inputs)
+    if kind == "causal" and outcome.result == "exact":
+        outcome.padded = [padded_outcome(model, eager, side) for side in ("right", "left")]
+        notes = [f"{p.side}-padded {p.result}: {p.detail}" for p in outcome.padded if p.detail]
+        outcome.detail = "; ".join([outcome.detail, *notes])
+        if any(p.result == "FAILED" for p in outcome.padded):
+            outcome.result = "FAILED"
+    outcome.padding, outcome.masks = _checked_with(kind, model, outcome, no_window)
     return outcome
+
+
+def _running(family: str, window: bool):
+    """The family's tiny model (see :func:`build_hf`), its inputs, the selection of its
+    explained output, and that output."""
+    kind, model = build_hf(family, window)
+    inputs, _ = hf_inputs(kind, model)
+    pick = functools.partial(select, kind)
+    return kind, model, inputs, pick, plain_forward(pick, model, inputs)
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, NotRun) else f"{type(error).__name__}: {_oneline(error)}"
+
+
+def _forward_of(pick, inputs: dict):
+    """``forward(model, *values)``: the explained output of ``model`` on ``inputs``' values."""
+    names = list(inputs)
+
+    def forward(model, *values):
+        return pick(model(**dict(zip(names, values))))
+
+    return forward
+
+
+def padded_inputs(model, side: str) -> tuple[dict, torch.Tensor]:
+    """Ids and mask of :data:`PADDED_LENGTH` tokens, example 1 padded by :data:`PADDING`
+    tokens on ``side`` (its ids the padding id), and each example's last real token ``(B,)``.
+    """
+    config = model.config
+    vocab = min(getattr(config, "vocab_size", 99) or 99, 99)
+    pad = _read(config, "pad_token_id")
+    pad = pad if isinstance(pad, int) and 0 <= pad < vocab else 0
+    mask = torch.ones(BATCH, PADDED_LENGTH, dtype=torch.long)
+    if side == "right":
+        mask[1, -PADDING:] = 0
+    else:
+        mask[1, :PADDING] = 0
+    last = PADDED_LENGTH - 1 - mask.flip(1).argmax(1)
+    codebooks = getattr(config, "num_codebooks", None)  # MusicGen: a row per codebook
+    rows = codebooks if isinstance(codebooks, int) and codebooks > 1 and _per_codebook(model) else 1
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (BATCH * rows, PADDED_LENGTH), generator=generator)
+    ids = ids.masked_fill(mask.repeat_interleave(rows, 0) == 0, pad)
+    return {"input_ids": ids, "attention_mask": mask}, last
+
+
+def padded_outcome(model, eager, side: str) -> Padded:
+    """A causal family on a padded batch, read at each example's last real token
+    (``logits[arange(B), last]``), at its default implementation and at eager: the map at
+    ``token_index="auto"`` must match the reference, with exactly 0 at padding. A model that
+    attends to its own padding (its reference is not 0 there) needs only the match; where the
+    model's own gradient is not finite (plain autograd, no package involved), the
+    implementation is not checked and the batch is ``not run`` with the reason."""
+    inputs, last = padded_inputs(model, side)
+    pick = functools.partial(select, "causal", last=last)
+    try:
+        before = plain_forward(pick, model, inputs)
+        reference = reference_rows(pick, eager, inputs, 1)
+    except Combined as error:
+        return Padded(side, "FAILED", f"the reference reads no row: {error}")
+    except NotRun as error:
+        return Padded(side, "not run", f"no reference ({error})")
+    except Exception as error:  # noqa: BLE001 - the model does not run on a padded batch
+        return Padded(side, "not run", f"{type(error).__name__}: {_oneline(error)[:90]}")
+    windowed = sum(bool(m[0, :, -1, 0].abs().amax() == 0) for m in reference.maps)
+    padded = Padded(side, "exact", windowed=windowed, layers=len(reference.maps))
+    unchecked = []
+    implementation = getattr(model.config, "_attn_implementation", None) or "default"
+    for label, variant in ((implementation, model), ("eager", eager)):
+        failure = _padded_failure(pick, variant, inputs, reference)
+        if failure == NOT_FINITE:
+            unchecked.append(label)
+        elif failure:
+            return Padded(side, "FAILED", f"{label}: {failure}")
+    if not torch.equal(before, plain_forward(pick, model, inputs)):
+        return Padded(side, "FAILED", "model output changed after attribution")
+    padded.detail = _padded_note(reference, inputs["attention_mask"])
+    if unchecked:
+        padded.result = "not run"
+        padded.detail = f"at {' and '.join(unchecked)} {NOT_FINITE}; {padded.detail}".strip("; ")
+    return padded
+
+
+NOT_FINITE = "the model's own gradient is not finite (plain autograd): no map to check"
+
+
+def _padded_failure(pick, model, inputs: dict, reference: Reference) -> str:
+    """Why ours on the padded batch fails (a mismatch, padding not 0, a crash, a refusal), or
+    :data:`NOT_FINITE` where the map is not finite because the model's gradient is not; ``""``
+    where it passes."""
+    mask = inputs["attention_mask"]
+    try:
+        ours = ours_rows(pick, model, inputs, 1)
+    except Exception as error:  # noqa: BLE001 - the rule is defined here: a refusal fails
+        kind = "refused" if from_package(error) else "crash"
+        return f"{kind}: {_first_sentence(error) if kind == 'refused' else repr(error)[:160]}"
+    if not bool(torch.isfinite(ours).all()) and not _own_gradient_finite(pick, model, inputs):
+        return NOT_FINITE
+    mismatch = compare(ours, reference.rows, None)
+    if mismatch or _padded_note(reference, mask):  # padding not 0 in the model, or not located
+        return mismatch
+    if bool((ours[mask == 0] != 0).any()):
+        return f"padding gets {ours[mask == 0].abs().max().item():.2e}, not 0"
+    return ""
+
+
+def _padded_note(reference: Reference, mask: torch.Tensor) -> str:
+    """Why padding is not checked for 0: the model attends to it, or its maps cover tokens of
+    its own (CPM-Ant's prompt) so which are padding is not known; ``""`` where it is."""
+    if reference.rows.shape != mask.shape:
+        return (
+            f"its maps cover {reference.rows.shape[1]} tokens for {PADDED_LENGTH} ids (tokens "
+            "of its own): padding not located, so not checked for 0"
+        )
+    if bool((reference.rows[mask == 0] != 0).any()):
+        return "the model attends to its padding (not 0 in the reference either)"
+    return ""
+
+
+def _own_gradient_finite(pick, model, inputs: dict) -> bool:
+    """Whether plain autograd, on a copy of ``model``, gives every module's token-shaped
+    output a finite gradient of the explained output (Gemma 3n's ``mean(h**2) ** 0.5`` at
+    the zero states of left padding at sdpa does not)."""
+    states = FinalStates()
+    copied = copy.deepcopy(model)
+    handles = states.watch(copied)
+    try:
+        pick(copied(**inputs))[:, 1].sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return all(t.grad is None or bool(torch.isfinite(t.grad).all()) for t in states.outputs)
+
+
+def _checked_with(kind: str, model, outcome: Outcome, no_window: str) -> tuple[str, str]:
+    """The table's padding and mask columns for a transformers family."""
+    implementation = getattr(model.config, "_attn_implementation", None) or "default"
+    masks = f"{implementation}, eager" if implementation != "eager" else "eager"
+    if kind == "encoder":
+        return "right (example 1)", masks
+    if kind != "causal":
+        return "none", masks
+    names = _window_names(model.config)
+    if no_window:
+        window = f"no window ({no_window})"
+    elif not names:
+        window = "no window in its config"
+    else:
+        window = f"{'/'.join(names)}={WINDOW}"
+    exact = [p for p in outcome.padded if p.result == "exact"]
+    if exact and names:
+        count, layers = exact[0].windowed, exact[0].layers
+        window += f": windowed in {count} of {layers} layers" if count else ": no layer windowed"
+    sides = ["none"] + [
+        p.side if p.result == "exact" and not p.detail else f"{p.side} ({p.result})"
+        for p in outcome.padded
+    ]
+    return ", ".join(sides), f"{masks}; {window}"
+
+
+def _window_names(config) -> list[str]:
+    """The window sizes set to :data:`WINDOW` in ``config`` and its text sub-configs."""
+    from transformers import PretrainedConfig
+
+    names = [name for name in WINDOW_SIZES if vars(config).get(name) == WINDOW]
+    for key, value in vars(config).items():
+        if isinstance(value, PretrainedConfig) and not _other_modality(key):
+            names += [name for name in _window_names(value) if name not in names]
+    return names
 
 
 def encoder_decoder_outcome(model, inputs: dict) -> str:
@@ -913,11 +1201,13 @@ def encoder_decoder_outcome(model, inputs: dict) -> str:
     return "CheferEncoderDecoder ok"
 
 
-def _chefer_outcome(family, kind, model, inputs, before) -> Outcome:
+def _chefer_outcome(family, kind, models, inputs, pick, before) -> Outcome:
+    model, eager = models
     name = type(model).__name__
     fix, combined = None, ""
     try:
-        expected, fix = reference_rows(kind, model, inputs, 1)
+        reference = reference_rows(pick, eager, inputs, 1)
+        expected, fix = reference.rows, reference.fix
     except Combined as error:
         expected, reason, combined = None, str(error), str(error)
     except NotRun as error:
@@ -926,9 +1216,9 @@ def _chefer_outcome(family, kind, model, inputs, before) -> Outcome:
         expected, reason = None, f"reference: {type(error).__name__}: {str(error)[:60]}"
     details, note = [], ""
     mask = inputs.get("attention_mask") if kind == "encoder" else None
-    for label, variant in (("default", model), ("eager", _eager_copy(model))):
+    for label, variant in (("default", model), ("eager", eager)):
         try:
-            ours, note = ours_as_read(functools.partial(ours_rows, kind, variant, inputs, 1), fix)
+            ours, note = ours_as_read(functools.partial(ours_rows, pick, variant, inputs, 1), fix)
         except Exception as error:  # noqa: BLE001
             if not from_package(error):
                 return Outcome(family, name, "FAILED", f"{label}: crash {error!r}"[:200])
@@ -948,7 +1238,7 @@ def _chefer_outcome(family, kind, model, inputs, before) -> Outcome:
         if mismatch:
             return Outcome(family, name, "FAILED", f"{label}: {mismatch}")
         details.append(label)
-    after = plain_forward(kind, model, inputs)
+    after = plain_forward(pick, model, inputs)
     if not torch.equal(before, after):
         return Outcome(family, name, "FAILED", "model output changed after attribution")
     implementation = model.config._attn_implementation
@@ -963,6 +1253,16 @@ def _eager_copy(model):
     eager = type(model)(config).eval()
     eager.load_state_dict(model.state_dict())
     return eager
+
+
+def _reference_copy(eager, dtype: torch.dtype):
+    """A copy of the eager model in ``dtype`` (a copy is cheaper than a build; a model that
+    cannot be copied is built again)."""
+    try:
+        copied = copy.deepcopy(eager)
+    except Exception:  # noqa: BLE001
+        copied = _eager_copy(eager)
+    return copied.to(dtype)
 
 
 def _oneline(error: BaseException) -> str:
@@ -1044,6 +1344,13 @@ def timm_reference(model, pixels: torch.Tensor, target: int):
 
 
 def sweep_timm(family: str) -> Outcome:
+    """Build, run and check one timm family on a batch of two images, fused and eager."""
+    outcome = _sweep_timm(family)
+    outcome.padding, outcome.masks = "none", "fused, eager"
+    return outcome
+
+
+def _sweep_timm(family: str) -> Outcome:
     name, extra = TIMM_FAMILIES[family]
     try:
         model = build_timm(name, extra)
@@ -1103,20 +1410,50 @@ def write_table(outcomes: list[Outcome], path: Path) -> None:
         "",
         "Every transformers model type with a sequence-classification, causal-LM or "
         "image-classification head, and timm's ViT-like families: a tiny random-init model, "
-        "explained as loaded and at eager, against a float64 eager reference "
-        "(see `tests/family_sweep.py`).",
+        'explained at the default `token_index="auto"`, as loaded and at eager, against an '
+        "eager reference in float64 (float32 where float64 fails or is not finite) read off "
+        "the model's own attention maps and gradients (see `tests/family_sweep.py`). "
+        "Encoders run with example 1 right-padded. Causal families run unpadded, then "
+        f"on {PADDED_LENGTH} tokens with example 1 right-padded and left-padded by "
+        f"{PADDING} tokens, read at each example's last real token, with a window of "
+        f"{WINDOW} tokens where their config has one; padding must get exactly 0.",
         "",
         "Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         "",
-        "| family | model | result | detail | AttnLRP / CP-LRP; the named fix where they refuse |",
-        "|---|---|---|---|---|",
+        "Causal families on padded batches: " + padded_totals(outcomes),
+        "",
+        "| family | model | result | padding | attention / window | detail "
+        "| AttnLRP / CP-LRP; the named fix where they refuse |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {o.family} | {o.model} | {o.result} | {o.detail.replace('|', '/')} | "
-        f"{o.lrp.replace('|', '/')} |"
+        "| "
+        + " | ".join(
+            text.replace("|", "/")
+            for text in (o.family, o.model, o.result, o.padding, o.masks, o.detail, o.lrp)
+        )
+        + " |"
         for o in outcomes
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def padded_totals(outcomes: list[Outcome]) -> str:
+    """How many causal families were exact on each padded batch, and with a window."""
+    sides = {
+        side: sum(p.side == side and p.result == "exact" for o in outcomes for p in o.padded)
+        for side in ("right", "left")
+    }
+    windowed = sum(any(p.result == "exact" and p.windowed for p in o.padded) for o in outcomes)
+    other = [
+        f"{o.family} {p.side}: {p.result}"
+        for o in outcomes
+        for p in o.padded
+        if p.result != "exact"
+    ]
+    text = f"exact right-padded: {sides['right']}, left-padded: {sides['left']}"
+    text += f"; with a window in effect: {windowed}"
+    return text + (f"; otherwise: {', '.join(other)}" if other else "")
 
 
 if __name__ == "__main__":
@@ -1130,8 +1467,8 @@ if __name__ == "__main__":
     results = [sweep_hf(f) for f in tqdm(families, desc="transformers")]
     if not sys.argv[1:]:
         results += [sweep_timm(f) for f in tqdm(TIMM_FAMILIES, desc="timm")]
-    for outcome in results:
-        print(f"{outcome.family:28} {outcome.result:8} {outcome.detail} [lrp: {outcome.lrp}]")
+    for o in results:
+        print(f"{o.family:28} {o.result:8} [{o.padding}; {o.masks}] {o.detail} [lrp: {o.lrp}]")
     if not sys.argv[1:]:
         root = Path(inspect.getfile(sweep_hf)).resolve().parents[1]
         write_table(results, root / "benchmarks" / "results" / "sweep.md")
