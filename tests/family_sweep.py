@@ -1085,7 +1085,10 @@ def padded_outcome(model, eager, side: str) -> Padded:
     return padded
 
 
-NOT_FINITE = "the model's own gradient is not finite (plain autograd): no map to check"
+NOT_FINITE = (
+    "the model's own gradient is not finite (plain autograd): no map to check; the package "
+    "refuses it by example"
+)
 
 
 def _padded_failure(pick, model, inputs: dict, reference: Reference) -> str:
@@ -1097,6 +1100,9 @@ def _padded_failure(pick, model, inputs: dict, reference: Reference) -> str:
         ours = ours_rows(pick, model, inputs, 1)
     except Exception as error:  # noqa: BLE001 - the rule is defined here: a refusal fails
         kind = "refused" if from_package(error) else "crash"
+        nan_refusal = kind == "refused" and "gradient of the explained output is NaN" in str(error)
+        if nan_refusal and not _own_gradient_finite(pick, model, inputs):
+            return NOT_FINITE  # refused by name, rightly: the model's own backward is NaN
         return f"{kind}: {_first_sentence(error) if kind == 'refused' else repr(error)[:160]}"
     if not bool(torch.isfinite(ours).all()) and not _own_gradient_finite(pick, model, inputs):
         return NOT_FINITE

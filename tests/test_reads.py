@@ -27,6 +27,7 @@ from captum_chefer import (
     RawAttention,
 )
 from captum_chefer.families import StreamMap
+from captum_chefer.core.mapping import tokens_to_input
 
 # ---------------------------------------------------------------------------------------------
 # Hand-written attention with a padding mask in every format in use.
@@ -507,3 +508,14 @@ def test_a_backward_that_is_not_finite_is_refused_naming_the_examples():
     with pytest.raises(ValueError, match=r"gradient of the explained output is NaN or infinite "
                        r"for examples \[1\]"):  # fmt: skip
         CheferRelevance(model).attribute(x, target=0, additional_forward_args=(gate,))
+
+
+def test_ids_and_embeddings_stay_per_token_when_the_call_also_carries_image_hints():
+    """A multimodal call (ViLT) passes patch positions for its image; its text ids ``(B, N)`` and
+    embeddings ``(B, N, D)`` still get one value per token (they were refused when the 4-D image
+    rule learned to read per-token features)."""
+    row = torch.arange(12.0).view(2, 6)
+    hints = {"num_prefix_tokens": 1, "patch_grid": (2, 2)}
+    assert torch.equal(tokens_to_input(row, torch.Size([2, 6]), **hints), row)
+    embedded = tokens_to_input(row, torch.Size([2, 6, 3]), **hints)
+    assert torch.equal(embedded, row[:, :, None].expand(2, 6, 3))

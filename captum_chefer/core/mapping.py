@@ -144,7 +144,8 @@ def tokens_to_input(
     """
     batch, size = row.shape
     image_hint = positions is not None or num_prefix_tokens is not None or patch_grid is not None
-    if len(input_shape) >= 2 and input_shape[1] == size and not image_hint:
+    per_token = len(input_shape) in (2, 3) or not image_hint  # only a 4-D input is an image
+    if len(input_shape) >= 2 and input_shape[1] == size and per_token:
         # one value per token along axis 1, spread over the rest (ids, embeddings, or a
         # (B, N, …) input of per-token features, not an image)
         mapped = row.reshape(batch, size, *([1] * (len(input_shape) - 2)))
