@@ -26,8 +26,8 @@ from captum_chefer import (
     GradientRollout,
     RawAttention,
 )
-from captum_chefer.families import StreamMap
 from captum_chefer.core.mapping import tokens_to_input
+from captum_chefer.families import StreamMap
 
 # ---------------------------------------------------------------------------------------------
 # Hand-written attention with a padding mask in every format in use.
