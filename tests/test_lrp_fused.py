@@ -209,3 +209,25 @@ def test_no_attention_map_is_formed_on_the_fused_path(rule):
     with _Largest() as seen:
         explainer.attribute(ids, 1)
     assert seen.largest < 4 * 256 * 256 // 4, seen.largest
+
+
+def test_an_activation_module_that_calls_a_functional_gets_the_identity_rule_once(monkeypatch):
+    """``nn.GELU`` and BERT's activation call ``F.gelu``, which the rules' mode already ruled;
+    the module hook then passes the result on (it applied the rule a second time: the same
+    gradient, one more ratio to save and form). The map is unchanged."""
+    model = models.bert("sdpa").eval()
+    ids = torch.randint(5, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = AttnLRP(lambda i: model(i).logits, model).attribute(ids, target=0, output="token")
+    rules: list[str] = []
+    original = lrp.identity_rule
+
+    def counting(x, y):
+        import inspect
+
+        rules.append(inspect.stack()[1].function)
+        return original(x, y)
+
+    monkeypatch.setattr(lrp, "identity_rule", counting)
+    after = AttnLRP(lambda i: model(i).logits, model).attribute(ids, target=0, output="token")
+    assert "hook" not in rules and len(rules) >= 3  # two GELUs and the pooler's tanh, once each
+    assert torch.equal(before, after)

@@ -468,8 +468,8 @@ def _elementwise_hooks(model: nn.Module | None, state: LRPState) -> list[Removab
     def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         if not here() or not args or not state.carried(args[0]) or not isinstance(out, Tensor):
             return None
-        if out.shape != args[0].shape:
-            return None
+        if out.shape != args[0].shape or _ruled_from(state, out, args[0]):
+            return None  # not element-wise, or the module called F.gelu (say): ruled already
         result = identity_rule(args[0], out)
         state.mark(result, state.origins_of(args[0]))
         state.tag(result, "activated")
@@ -481,6 +481,16 @@ def _elementwise_hooks(model: nn.Module | None, state: LRPState) -> list[Removab
         for module in modules
         if _is_elementwise(module)
     ]
+
+
+def _ruled_from(state: LRPState, out: Tensor, x: Tensor) -> bool:
+    """Whether ``out`` is the identity rule's output on ``x`` already."""
+    node = out.grad_fn
+    if state.tag_of(out) != "activated" or node is None:
+        return False
+    while type(node).__name__ == "ViewBackward0":  # the rule returns a view of its output
+        node = node.next_functions[0][0]
+    return bool(node.next_functions) and node.next_functions[0][0] is x.grad_fn
 
 
 def _is_elementwise(module: nn.Module) -> bool:
