@@ -149,3 +149,43 @@ def test_errors_name_the_fix():
         explainer.attribute(TextTokenInput(PROMPT, tok), TARGET, gen_args={"max_new_tokens": 2})
     with pytest.raises(ValueError, match="batch_size"):
         explainer.attribute(TextTokenInput(PROMPT, tok), TARGET, batch_size=0)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cplrp"])
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_lrp_rules_in_the_llm_api_equal_the_rule_at_each_target_token(rule, family):
+    """``rule="attnlrp"`` / ``"cplrp"``: each target token's row is the rule's relevance at the
+    token embeddings, called directly on the teacher-forced sequence for that one token (batched
+    here by 2; prompt and decoder prefix for BART), and the probabilities are the model's."""
+    from captum_chefer import CPLRP, AttnLRP
+
+    model, tok = (llama() if family == "llama" else bart().eval()), tokenizer()
+    inp = TextTokenInput(PROMPT, tok)
+    result = CheferLLMAttribution(model, tok, rule=rule).attribute(
+        inp, TARGET, include_generated=True, batch_size=2
+    )
+    prompt, target = inp.to_model_input(), torch.tensor(tok.encode(TARGET))
+    explainer = {"attnlrp": AttnLRP, "cplrp": CPLRP}[rule]
+    rows, probs = [], []
+    for t, token in enumerate(target.tolist()):
+        if family == "llama":
+            ids = torch.cat([prompt[0], target[:t]])[None]
+            logits = model(ids).logits[:, -1]
+            row = explainer(lambda i: model(i).logits[:, -1], model).attribute(ids, target=token)
+            row = torch.nn.functional.pad(row, (0, len(target) - 1 - t))
+        else:
+            decoder = torch.cat([torch.tensor([2]), target[:t]])[None]
+            logits = model(input_ids=prompt, decoder_input_ids=decoder).logits[:, -1]
+            source, prefix = explainer(
+                lambda p, d: model(input_ids=p, decoder_input_ids=d).logits[:, -1], model
+            ).attribute((prompt, decoder), target=token)
+            row = torch.cat([source, torch.nn.functional.pad(prefix, (0, len(target) - 1 - t))], 1)
+        rows.append(row)
+        probs.append(logits.softmax(-1)[0, token])
+    assert_close(result.token_attr, torch.cat(rows))
+    assert_close(result.output_probs, torch.stack(probs))
+
+
+def test_an_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="'chefer', 'attnlrp' or 'cplrp'"):
+        CheferLLMAttribution(llama(), tokenizer(), rule="lrp")  # type: ignore[arg-type]

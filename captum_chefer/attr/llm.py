@@ -5,6 +5,9 @@ position that produced ``target[t]``. Causal LMs use the lean row path of ICCV 2
 relevance row folded in during the backward pass, attention recomputed a block of rows at a
 time), so long prompts fit; encoder-decoder models use the encoder-decoder rules (eq. 6-11).
 Several target tokens are explained in one batched forward and backward (``batch_size``).
+``rule="attnlrp"`` or ``"cplrp"`` explains the same positions with :class:`AttnLRP` or
+:class:`CPLRP` instead, through the model's fused attention kernel, so long prompts fit there
+too.
 The result is Captum's :class:`~captum.attr.LLMAttributionResult`, so its ``plot_seq_attr`` and
 ``plot_token_attr`` work as for :class:`~captum.attr.LLMGradientAttribution`.
 """
@@ -32,9 +35,11 @@ from ._captum import (
     _convert_ids_to_pretty_tokens,
 )
 from .engine import Explained, Read, ReadSpec, Subject, read_rows
-from .trace import Trace
+from .lrp import CPLRP, AttnLRP
 
 Score = Literal["logit", "log_prob"]
+Rule = Literal["chefer", "attnlrp", "cplrp"]
+LRP_RULES = {"attnlrp": AttnLRP, "cplrp": CPLRP}
 
 
 class CheferLLMAttribution(Attribution):
@@ -50,6 +55,9 @@ class CheferLLMAttribution(Attribution):
         model: a Hugging Face causal LM or encoder-decoder model (``model(input_ids=...)``
             returning ``.logits``; ``.generate`` when no target is given).
         tokenizer: its tokenizer.
+        rule: ``"chefer"`` (the relevance rows above), or ``"attnlrp"`` / ``"cplrp"``: the
+            relevance of :class:`AttnLRP` / :class:`CPLRP` at the token embeddings, for the
+            same score at the same positions (``self_relevance`` does not apply to them).
 
     Example:
         >>> import torch
@@ -71,10 +79,14 @@ class CheferLLMAttribution(Attribution):
         (torch.Size([3, 3]), torch.Size([3]))
     """
 
-    def __init__(self, model: nn.Module, tokenizer: TokenizerLike) -> None:
+    def __init__(self, model: nn.Module, tokenizer: TokenizerLike, rule: Rule = "chefer") -> None:
+        """Explain ``model``'s generations with ``rule`` (see the class); nothing runs yet."""
+        if rule != "chefer" and rule not in LRP_RULES:
+            raise ValueError(f"rule must be 'chefer', 'attnlrp' or 'cplrp', not {rule!r}")
         super().__init__(model)
         self.model = model
         self.tokenizer = tokenizer
+        self.rule = rule
 
     @property
     def device(self) -> torch.device:
@@ -190,6 +202,9 @@ class CheferLLMAttribution(Attribution):
         """Row ``read[i]`` of ``R`` for batch row ``i``, over ``sequence[: max(read) + 1]``."""
         length = read[-1] + 1
         ids = sequence[:length].expand(len(read), length)
+        if self.rule in LRP_RULES:
+            (row,), probs = self._lrp_rows(_scores_at(self.model, read, score), (ids,), target_ids)
+            return row, probs
         index = torch.tensor(read, device=ids.device)
         explained = self._read(
             _scores_at(self.model, read, score),
@@ -201,7 +216,22 @@ class CheferLLMAttribution(Attribution):
             self_relevance,
             block_bytes,
         )
-        return explained.rows[0], _target_probs(explained.trace, target_ids)
+        return explained.rows[0], _target_probs(explained.trace.output, target_ids)
+
+    def _lrp_rows(
+        self, forward: Callable[..., Tensor], inputs: tuple[Tensor, ...], target_ids: Tensor
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The rule's relevance at each input's token embeddings, and the target probabilities."""
+        scores: list[Tensor] = []
+
+        def scored(*ids: Tensor) -> Tensor:
+            scores.append(forward(*ids))
+            return scores[-1]
+
+        explainer = LRP_RULES[self.rule](scored, self.model)
+        rows = explainer.attribute(inputs, target=target_ids)  # on ids: at their embeddings
+        rows = rows if isinstance(rows, tuple) else (rows,)
+        return rows, _target_probs(scores[-1].detach(), target_ids)
 
     def _read(
         self,
@@ -254,19 +284,27 @@ class CheferLLMAttribution(Attribution):
         read = list(range(chunk.start, chunk.stop))
         length = read[-1] + 1
         index = torch.tensor(read, device=prompt.device)
+        inputs = (
+            prompt.expand(len(read), prompt.shape[1]),
+            decoder[:length].expand(len(read), length),
+        )
+        if self.rule in LRP_RULES:
+            forward = _scores_at(self.model, read, score, seq2seq=True)
+            (source, prefix), probs = self._lrp_rows(forward, inputs, target_ids)
+            return torch.cat([source, F.pad(prefix, (0, decoder.shape[0] - length))], 1), probs
         explained = self._read(
             _scores_at(self.model, read, score, seq2seq=True),
             MultiStreamReader(),
             family_named("encoder-decoder").streams,
             (Read("decoder", "encoder", index), Read("decoder", "decoder", index)),
-            (prompt.expand(len(read), prompt.shape[1]), decoder[:length].expand(len(read), length)),
+            inputs,
             target_ids,
             self_relevance,
             block_bytes,
         )
         source, prefix = explained.rows
         row = torch.cat([source, F.pad(prefix, (0, decoder.shape[0] - length))], 1)
-        return row, _target_probs(explained.trace, target_ids)
+        return row, _target_probs(explained.trace.output, target_ids)
 
     def _decoder_start_id(self) -> int:
         for owner in (self.model, getattr(self.model, "generation_config", None)):
@@ -348,6 +386,7 @@ def _scores_at(
     return forward
 
 
-def _target_probs(trace: Trace, target_ids: Tensor) -> Tensor:
-    probs = trace.output.float().softmax(-1)
+def _target_probs(scores: Tensor, target_ids: Tensor) -> Tensor:
+    """Each target token's probability from its logits or log-probabilities ``(k, V)``."""
+    probs = scores.float().softmax(-1)
     return probs.gather(1, target_ids.to(probs.device)[:, None]).squeeze(1)
