@@ -16,7 +16,9 @@ as its equation (Achtibat et al. 2024; Ali et al. 2022):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +166,46 @@ def reference_relevance(
         for block, block_input in zip(reversed(model.blocks), reversed(inputs[:-1])):
             relevance = block_relevance(block, block_input, relevance, rule, eps, lost)
     return relevance, lost
+
+
+def explicit_sdpa(state, func, args, kwargs):
+    """The route before the fused rules, as a reference: every SDPA call on carried tensors
+    decomposed into an explicit ``softmax(QKᵀ)V`` with the rules (``attention_rule``), its value
+    the kernel's. Counted in ``state.attention_calls``."""
+    from captum_chefer.core.lrp import attention_rule, straight_through
+
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    bound = dict(zip(names, args)) | kwargs
+    if not any(state.carried(bound[name]) for name in ("query", "key", "value")):
+        return func(*args, **kwargs)
+    state.attention_calls += 1
+    with torch.no_grad():
+        value = func(*args, **kwargs)
+    surrogate = attention_rule(
+        bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
+        bool(bound.get("is_causal", False)), bound.get("scale"),
+        conservative=state.variant == "cplrp",
+    )  # fmt: skip
+    return straight_through(value, surrogate)
+
+
+@contextlib.contextmanager
+def explicit_attention() -> Iterator[list[int]]:
+    """AttnLRP / CP-LRP through :func:`explicit_sdpa` inside the block; yields a list that
+    receives the number of SDPA calls decomposed."""
+    from captum_chefer.capture import lrp
+
+    decomposed = [0]
+
+    def counting(state, func, args, kwargs):
+        before = state.attention_calls
+        out = explicit_sdpa(state, func, args, kwargs)
+        decomposed[0] += state.attention_calls - before
+        return out
+
+    original = lrp.HANDLERS[F.scaled_dot_product_attention]
+    lrp.HANDLERS[F.scaled_dot_product_attention] = counting
+    try:
+        yield decomposed
+    finally:
+        lrp.HANDLERS[F.scaled_dot_product_attention] = original

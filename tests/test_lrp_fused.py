@@ -17,12 +17,13 @@ import models
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_lrp import explicit_attention
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from captum_chefer import CPLRP, AttnLRP
 from captum_chefer.capture import lrp
-from captum_chefer.core.lrp import attention_rule, fused_attention_rule, straight_through
+from captum_chefer.core.lrp import attention_rule, fused_attention_rule
 
 RULES = {"attnlrp": AttnLRP, "cplrp": CPLRP}
 
@@ -100,24 +101,6 @@ def _inputs(family: str):
     return ids, mask
 
 
-def _explicit_sdpa(state, func, args, kwargs):
-    """The old route, as a reference: every SDPA call decomposed into an explicit
-    ``softmax(QKᵀ)V`` with the rules (:func:`attention_rule`), its value the kernel's."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    bound = dict(zip(names, args)) | kwargs
-    if not any(state.carried(bound[name]) for name in ("query", "key", "value")):
-        return func(*args, **kwargs)
-    state.attention_calls += 1
-    with torch.no_grad():
-        value = func(*args, **kwargs)
-    surrogate = attention_rule(
-        bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
-        bool(bound.get("is_causal", False)), bound.get("scale"),
-        conservative=state.variant == "cplrp",
-    )  # fmt: skip
-    return straight_through(value, surrogate)
-
-
 def _run(family: str, rule: str, model, x, mask):
     if family == "vit":
         return RULES[rule](lambda p: model(pixel_values=p).logits, model).attribute(x, 1)
@@ -128,14 +111,15 @@ def _run(family: str, rule: str, model, x, mask):
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cplrp"])
 @pytest.mark.parametrize("family", ["bert", "llama", "mistral", "vit"])
-def test_hugging_face_at_sdpa_equals_the_explicit_route(family, rule, monkeypatch):
+def test_hugging_face_at_sdpa_equals_the_explicit_route(family, rule):
     """The same model at ``sdpa``, float64, padded (and GQA, causal, a sliding window): the
     fused rule equals the old explicit route to 1e-9."""
     model = _hf(family, "sdpa").double().eval()
     x, mask = _inputs(family)
     ours = _run(family, rule, model, x, mask)
-    monkeypatch.setitem(lrp.HANDLERS, F.scaled_dot_product_attention, _explicit_sdpa)
-    explicit = _run(family, rule, model, x, mask)
+    with explicit_attention() as decomposed:
+        explicit = _run(family, rule, model, x, mask)
+    assert decomposed[0] >= 2  # every layer's SDPA call took the explicit route
     torch.testing.assert_close(ours, explicit, rtol=1e-9, atol=1e-12)
     assert bool((ours != 0).any())
 

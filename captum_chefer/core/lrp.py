@@ -37,11 +37,12 @@ from torch.autograd import Function
 
 
 class _IdentityRule(Function):
-    """Forward: the given output ``y``; backward: ``g ⊙ y / x`` (0 where ``x == 0``).
+    """Forward: the given output ``y``; backward: ``g ⊙ y / x`` (0 where ``x == 0``, or where
+    the ratio overflows).
 
     ``y`` and ``x`` are saved, not their ratio: ``x`` is saved anyway (a linear layer's output,
     which the epsilon rule keeps), so only ``y`` is new, and the ratio is formed in the
-    backward, one activation at a time.
+    backward, one activation at a time, in three passes (divide, zero the non-finite, scale).
     """
 
     @staticmethod
@@ -53,14 +54,8 @@ class _IdentityRule(Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         x, y = ctx.saved_tensors
         with torch._C.DisableTorchFunction():
-            return grad * _safe_ratio(y, x), None
-
-
-def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    nonzero = denominator != 0
-    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1), 0).to(
-        denominator.dtype
-    )
+            ratio = torch.div(y, x).nan_to_num_(0.0, 0.0, 0.0)  # x == 0: 0/0 or ±inf, read as 0
+            return ratio.mul_(grad).to(x.dtype), None
 
 
 def identity_rule(x: Tensor, y: Tensor) -> Tensor:
@@ -81,6 +76,16 @@ def identity_rule(x: Tensor, y: Tensor) -> Tensor:
         True
     """
     return _IdentityRule.apply(x, y.detach())
+
+
+def _own(view: Tensor) -> Tensor:
+    """``view`` as a tensor of its own to autograd: F.linear on a 3-D input returns its 2-D
+    product reshaped, a view; a copy only where the view does not cover its storage exactly."""
+    base = view._base
+    whole = base is not None and view.is_contiguous() and view.numel() == base.numel()
+    if whole and view.storage_offset() == base.storage_offset():
+        return torch.ops.aten._unsafe_view(view, view.shape)
+    return view.clone()
 
 
 class _ScaleGradient(Function):
@@ -125,17 +130,19 @@ class _LayerNormRule(Function):
         bias: Tensor | None,
         eps: float,
     ) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.dims, ctx.eps = tuple(range(-len(shape), 0)), eps
-        return F.layer_norm(x, shape, weight, bias, eps)
+        # the kernel F.layer_norm runs, which also gives 1 / std: nothing recomputed
+        out, _, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(rstd, weight)
+        ctx.dims = tuple(range(-len(shape), 0))
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        rstd, weight = ctx.saved_tensors
         with torch._C.DisableTorchFunction():
-            std = (x.var(ctx.dims, unbiased=False, keepdim=True) + ctx.eps).sqrt()
-            scaled = grad if weight is None else grad * weight
-            return (scaled - scaled.mean(ctx.dims, keepdim=True)) / std, None, None, None, None
+            centred = grad.clone() if weight is None else grad * weight
+            centred.sub_(centred.mean(ctx.dims, keepdim=True)).mul_(rstd)
+            return centred.to(grad.dtype), None, None, None, None
 
 
 def layer_norm_rule(
@@ -171,14 +178,15 @@ class _LinearRule(Function):
     """``F.linear`` forward; backward ``g ⊙ z / (z + ε sign z)`` times ``W``.
 
     ``z`` is saved with ``save_for_backward`` (activation checkpointing may drop and recompute
-    it), and the epsilon factor is formed in two passes over ``z``.
+    it), not copied: F.linear's 3-D result is a view, handed on as a tensor of its own. The
+    factor costs three element-wise passes in the backward.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, epsilon: float) -> Tensor:
         out = F.linear(x, weight, bias)
         if out._is_view():  # the model may change it in place, which a Function's view forbids
-            out = out.clone()
+            out = _own(out)
         ctx.epsilon = epsilon
         ctx.save_for_backward(weight, out if epsilon > 0 else None)
         return out
@@ -196,9 +204,8 @@ class _LinearRule(Function):
                 "layers), which does not need it."
             ) from None
         with torch._C.DisableTorchFunction():
-            if out is not None:
-                shift = torch.full((), ctx.epsilon, dtype=out.dtype, device=out.device)
-                grad = (grad * out).div_(torch.copysign(shift, out).add_(out))
+            if out is not None:  # g z / (z + ε sign z) = g − ε g / (|z| + ε): three passes
+                grad = torch.addcdiv(grad, grad, out.abs().add_(ctx.epsilon), value=-ctx.epsilon)
             return grad @ weight.to(grad.dtype), None, None, None
 
 
