@@ -215,3 +215,36 @@ def test_an_activation_module_that_calls_a_functional_gets_the_identity_rule_onc
     after = AttnLRP(lambda i: model(i).logits, model).attribute(ids, target=0, output="token")
     assert "hook" not in rules and len(rules) >= 3  # two GELUs and the pooler's tanh, once each
     assert torch.equal(before, after)
+
+
+def test_the_cheaper_element_wise_rules_keep_their_equations():
+    """Identity rule: ``g y / x``, and 0 where ``x == 0`` (GELU's 0/0 and sigmoid's 0.5/0 alike);
+    LayerNorm rule: ``w g`` centred, over the standard deviation held constant; epsilon rule:
+    ``g z / (z + eps sign z)`` then ``W``. Each against its equation written out in float64."""
+    from captum_chefer.core.lrp import identity_rule, layer_norm_rule, linear_rule
+
+    x = torch.tensor([-1.5, 0.0, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([0.7, -1.1, 0.4, 2.5], dtype=torch.float64)
+    for f in (F.gelu, torch.sigmoid):
+        (grad,) = torch.autograd.grad(identity_rule(x, f(x)), x, g)
+        y = f(x.detach())
+        expected = torch.where(x.detach() == 0, 0.0, g * y / x.detach())
+        torch.testing.assert_close(grad, expected, rtol=1e-15, atol=0.0)
+
+    generator = torch.Generator().manual_seed(6)
+    h = torch.randn(3, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    w, b = (torch.randn(8, dtype=torch.float64, generator=generator) for _ in "wb")
+    g = torch.randn(3, 8, dtype=torch.float64, generator=generator)
+    (grad,) = torch.autograd.grad(layer_norm_rule(h, (8,), w, b, 1e-5), h, g)
+    std = (h.detach().var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    expected = ((g * w) - (g * w).mean(-1, keepdim=True)) / std
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+    weight = torch.randn(5, 8, dtype=torch.float64, generator=generator)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator)
+    x3 = torch.randn(2, 3, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    g = torch.randn(2, 3, 5, dtype=torch.float64, generator=generator)
+    (grad,) = torch.autograd.grad(linear_rule(x3, weight, bias, 0.1), x3, g)
+    z = F.linear(x3.detach(), weight, bias)
+    expected = (g * z / (z + 0.1 * z.sign())) @ weight
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
