@@ -202,12 +202,13 @@ class CheferLLMAttribution(Attribution):
         """Row ``read[i]`` of ``R`` for batch row ``i``, over ``sequence[: max(read) + 1]``."""
         length = read[-1] + 1
         ids = sequence[:length].expand(len(read), length)
+        forward = _scores_at(self.model, read, score)
         if self.rule in LRP_RULES:
-            (row,), probs = self._lrp_rows(_scores_at(self.model, read, score), (ids,), target_ids)
+            (row,), probs = self._lrp_rows(forward, (ids,), target_ids)
             return row, probs
         index = torch.tensor(read, device=ids.device)
         explained = self._read(
-            _scores_at(self.model, read, score),
+            forward,
             CheferRowReader(),
             SELF_ATTENTION,
             (Read("tokens", "tokens", index),),
@@ -288,12 +289,12 @@ class CheferLLMAttribution(Attribution):
             prompt.expand(len(read), prompt.shape[1]),
             decoder[:length].expand(len(read), length),
         )
+        forward = _scores_at(self.model, read, score, seq2seq=True)
         if self.rule in LRP_RULES:
-            forward = _scores_at(self.model, read, score, seq2seq=True)
             (source, prefix), probs = self._lrp_rows(forward, inputs, target_ids)
             return torch.cat([source, F.pad(prefix, (0, decoder.shape[0] - length))], 1), probs
         explained = self._read(
-            _scores_at(self.model, read, score, seq2seq=True),
+            forward,
             MultiStreamReader(),
             family_named("encoder-decoder").streams,
             (Read("decoder", "encoder", index), Read("decoder", "decoder", index)),

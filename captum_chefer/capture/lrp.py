@@ -486,11 +486,9 @@ def _elementwise_hooks(model: nn.Module | None, state: LRPState) -> list[Removab
 def _ruled_from(state: LRPState, out: Tensor, x: Tensor) -> bool:
     """Whether ``out`` is the identity rule's output on ``x`` already."""
     node = out.grad_fn
-    if state.tag_of(out) != "activated":
+    if state.tag_of(out) != "activated" or node is None or not node.next_functions:
         return False
-    while node is not None and type(node).__name__ == "ViewBackward0":  # the rule's view
-        node = node.next_functions[0][0]
-    return node is not None and bool(node.next_functions) and node.next_functions[0][0] is x.grad_fn
+    return node.next_functions[0][0] is x.grad_fn
 
 
 def _is_elementwise(module: nn.Module) -> bool:

@@ -82,11 +82,13 @@ def _own(view: Tensor) -> Tensor:
     """``view`` as a tensor of its own to autograd: F.linear on a 3-D input returns its 2-D
     product reshaped, a view; a copy only where the view does not cover its storage exactly."""
     base = view._base
-    if base is None or not view.is_contiguous() or view.numel() != base.numel():
-        return view.clone()
-    if view.storage_offset() != base.storage_offset():
-        return view.clone()
-    return torch.ops.aten._unsafe_view(view, view.shape)
+    whole = (
+        base is not None
+        and view.is_contiguous()
+        and view.numel() == base.numel()
+        and view.storage_offset() == base.storage_offset()
+    )
+    return torch.ops.aten._unsafe_view(view, view.shape) if whole else view.clone()
 
 
 class _ScaleGradient(Function):
